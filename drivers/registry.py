@@ -1,0 +1,29 @@
+"""Bus kinds: the config class and the factory for each ``kind = "..."`` in ``[[buses]]``.
+
+Adding a driver kind means adding one entry here; the config loader and the daemon look up
+kinds only through this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from drivers import sim
+from drivers.base import Bus, BusContext
+
+
+@attrs.frozen
+class DriverKind:
+    kind: str
+    config_type: type[Any]
+    create: Callable[[Any, BusContext], Bus]
+    summary: str
+
+
+KINDS: Mapping[str, DriverKind] = {
+    k.kind: k
+    for k in (DriverKind("sim", sim.SimBusConfig, sim.SimBus, "simulated points (demo, tests)"),)
+}

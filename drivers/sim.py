@@ -1,0 +1,159 @@
+"""Simulated sensors: sine, random walk, step, counter and writable setpoints.
+
+Gives the demo and the tests readings without hardware. Values are a pure function of the
+point's config, the sample number and a per-topic seeded RNG, so runs are repeatable.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Literal
+
+import attrs
+import trio
+
+from drivers.base import BusContext, WriteError
+from gateway.configtypes import Duration, Name, duplicate_names
+from gateway.reading import Reading, Value
+
+Signal = Literal["sine", "random-walk", "step", "counter", "setpoint"]
+
+
+@attrs.frozen
+class SimPointConfig:
+    name: Name
+    signal: Signal = "sine"
+    unit: str | None = None
+    low: float = 0.0
+    high: float = 100.0
+    period: Duration = Duration(60.0)
+    """Sine period; for ``step``, how long each level is held."""
+    step: float = 1.0
+    """Largest change per sample (random walk), increment per sample (counter)."""
+
+
+@attrs.frozen
+class SimDeviceConfig:
+    name: Name
+    interval: Duration = Duration(1.0)
+    points: tuple[SimPointConfig, ...] = ()
+
+
+@attrs.frozen
+class SimBusConfig:
+    name: Name
+    kind: Literal["sim"] = "sim"
+    devices: tuple[SimDeviceConfig, ...] = ()
+    fail_after: Duration | None = None
+    """Testing aid: the bus raises this long after each start (exercises the supervisor)."""
+
+    def topics(self) -> Iterator[str]:
+        for d in self.devices:
+            for p in d.points:
+                yield f"{self.name}/{d.name}/{p.name}"
+
+    def stall_after(self) -> float:
+        return 3 * max((d.interval for d in self.devices), default=1.0) + 10.0
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        yield from duplicate_names("devices", [d.name for d in self.devices])
+        for i, d in enumerate(self.devices):
+            if d.interval <= 0:
+                yield f"devices[{i}].interval", "must be greater than 0"
+            yield from duplicate_names(f"devices[{i}].points", [p.name for p in d.points])
+            for j, p in enumerate(d.points):
+                if p.high < p.low:
+                    yield f"devices[{i}].points[{j}].high", f"{p.high} is below low ({p.low})"
+                if p.period <= 0:
+                    yield f"devices[{i}].points[{j}].period", "must be greater than 0"
+
+
+class _SimPoint:
+    def __init__(self, topic: str, config: SimPointConfig, interval: float) -> None:
+        self.topic = topic
+        self.config = config
+        self.interval = interval
+        self.rng = random.Random(zlib.crc32(topic.encode()))
+        self.value = config.low
+
+    def sample(self, n: int) -> Value:
+        c = self.config
+        t = n * self.interval
+        if c.signal == "sine":
+            mid, amp = (c.high + c.low) / 2, (c.high - c.low) / 2
+            return round(mid + amp * math.sin(2 * math.pi * t / c.period), 3)
+        if c.signal == "random-walk":
+            self.value = min(c.high, max(c.low, self.value + self.rng.uniform(-c.step, c.step)))
+            return round(self.value, 3)
+        if c.signal == "step":
+            return c.high if int(t // c.period) % 2 else c.low
+        if c.signal == "counter":
+            return int(c.low + n * c.step)
+        return self.value  # setpoint: what was last written
+
+
+class SimBus:
+    def __init__(self, config: SimBusConfig, context: BusContext) -> None:
+        self.name: str = config.name
+        self.config = config
+        self.context = context
+        self._points = {
+            f"{d.name}/{p.name}": _SimPoint(f"{config.name}/{d.name}/{p.name}", p, d.interval)
+            for d in config.devices
+            for p in d.points
+        }
+        self.polls = 0
+        self.overruns = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for device in self.config.devices:
+                nursery.start_soon(self._poll_device, device)
+            task_status.started()
+            if self.config.fail_after is not None:
+                await trio.sleep(self.config.fail_after)
+                raise RuntimeError(f"simulated failure after {self.config.fail_after}s")
+
+    async def _poll_device(self, device: SimDeviceConfig) -> None:
+        points = [self._points[f"{device.name}/{p.name}"] for p in device.points]
+        deadline = trio.current_time()
+        n = 0
+        while True:
+            for point in points:
+                self.context.publish(Reading(point.topic, point.sample(n), unit=point.config.unit))
+            self.polls += 1
+            self.context.progress()
+            deadline += device.interval
+            n += 1
+            now = trio.current_time()
+            if now > deadline:  # missed ticks are skipped, not bunched up
+                missed = int((now - deadline) // device.interval) + 1
+                self.overruns += missed
+                deadline += missed * device.interval
+                n += missed
+            await trio.sleep_until(deadline)
+
+    async def write(self, target: str, value: Value) -> None:
+        await trio.lowlevel.checkpoint()
+        point = self._points.get(target)
+        if point is None:
+            raise WriteError(f"bus {self.name!r} has no point {target!r}")
+        if point.config.signal != "setpoint":
+            raise WriteError(
+                f"{self.name}/{target} is a {point.config.signal} signal; only setpoints are "
+                "writable"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WriteError(f"{self.name}/{target} takes a number, got {value!r}")
+        if not point.config.low <= value <= point.config.high:
+            raise WriteError(
+                f"{value} is outside {self.name}/{target}'s range "
+                f"{point.config.low}..{point.config.high}"
+            )
+        point.value = float(value)
+
+    def statistics(self) -> Mapping[str, object]:
+        return {"polls": self.polls, "overruns": self.overruns, "points": len(self._points)}

@@ -1,0 +1,207 @@
+"""In-memory fan-out of readings from producers (drivers, devices) to subscribers.
+
+``Hub.publish`` never blocks and never raises for a slow subscriber: each subscription has a
+bounded buffer and a policy for when it is full (drop the oldest reading and count it, or
+disconnect the subscriber). Depends on trio, ``reading`` and ``topics`` only.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Iterable
+from types import TracebackType
+
+import attrs
+import trio
+
+from gateway.reading import Reading
+from gateway.topics import matches, pattern_problem
+
+_MAX_ROUTES = 100_000
+
+
+class OverflowPolicy(enum.Enum):
+    DROP_OLDEST = "drop-oldest"
+    DISCONNECT = "disconnect"
+
+
+class SubscriberOverflow(Exception):
+    """Raised to a subscriber with the ``disconnect`` policy whose buffer overflowed."""
+
+
+@attrs.frozen
+class Delivery:
+    """What a subscriber receives: the readings waiting for it, oldest first, and how many
+    readings were dropped since the previous delivery (a gap the subscriber can report)."""
+
+    readings: list[Reading]
+    dropped: int = 0
+
+
+class Subscription:
+    """A bounded queue of readings matching some patterns. Use as a context manager so that it
+    is removed from the hub however the subscriber ends."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        name: str,
+        patterns: Iterable[str],
+        maxlen: int,
+        policy: OverflowPolicy,
+    ) -> None:
+        self._hub = hub
+        self.name = name
+        self.patterns = tuple(patterns)
+        self.maxlen = maxlen
+        self.policy = policy
+        self._buffer: collections.deque[Reading] = collections.deque()
+        self._wakeup = trio.Event()
+        self._dropped_since_delivery = 0
+        self._overflowed = False
+        self.closed = False
+        self.delivered = 0
+        self.dropped = 0
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the subscription from the hub; waiting receivers get ``trio.EndOfChannel``."""
+        if not self.closed:
+            self.closed = True
+            self._hub._remove(self)
+            self._wakeup.set()
+
+    def matches(self, topic: str) -> bool:
+        return any(matches(p, topic) for p in self.patterns)
+
+    def _offer(self, reading: Reading) -> None:
+        if self.closed:
+            return
+        if len(self._buffer) >= self.maxlen:
+            if self.policy is OverflowPolicy.DISCONNECT:
+                self._overflowed = True
+                self.dropped += 1
+                self.close()
+                return
+            self._buffer.popleft()
+            self.dropped += 1
+            self._dropped_since_delivery += 1
+        self._buffer.append(reading)
+        self._wakeup.set()
+
+    def receive_nowait(self) -> Delivery:
+        """Everything waiting now; raises ``trio.WouldBlock`` when nothing is."""
+        if self._buffer or self._dropped_since_delivery:
+            readings = list(self._buffer)
+            self._buffer.clear()
+            delivery = Delivery(readings, self._dropped_since_delivery)
+            self._dropped_since_delivery = 0
+            self.delivered += len(readings)
+            return delivery
+        if self._overflowed:
+            raise SubscriberOverflow(
+                f"subscriber {self.name!r} fell more than {self.maxlen} readings behind"
+            )
+        if self.closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> Delivery:
+        """Wait for at least one reading (or a gap) and return all that are waiting."""
+        while True:
+            try:
+                delivery = self.receive_nowait()
+            except trio.WouldBlock:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            await trio.lowlevel.checkpoint()
+            return delivery
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def statistics(self) -> dict[str, object]:
+        return {
+            "patterns": list(self.patterns),
+            "policy": self.policy.value,
+            "buffered": len(self._buffer),
+            "maxlen": self.maxlen,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+        }
+
+
+class Hub:
+    """Fan-out of readings. ``publish`` is synchronous and O(matching subscribers)."""
+
+    def __init__(self, default_maxlen: int = 1000) -> None:
+        self.default_maxlen = default_maxlen
+        self._subs: dict[int, Subscription] = {}
+        # topic -> subscriptions matching it; rebuilt lazily after (un)subscribe.
+        self._routes: dict[str, tuple[Subscription, ...]] = {}
+        self.published = 0
+
+    def subscribe(
+        self,
+        name: str,
+        patterns: Iterable[str] = ("#",),
+        *,
+        maxlen: int | None = None,
+        policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST,
+    ) -> Subscription:
+        patterns = tuple(patterns)
+        for p in patterns:
+            problem = pattern_problem(p)
+            if problem:
+                raise ValueError(problem)
+        size = self.default_maxlen if maxlen is None else maxlen
+        if size < 1:
+            raise ValueError("maxlen must be at least 1")
+        sub = Subscription(self, name, patterns, size, policy)
+        self._subs[id(sub)] = sub
+        self._routes.clear()
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        if self._subs.pop(id(sub), None) is not None:
+            self._routes.clear()
+
+    def publish(self, reading: Reading) -> None:
+        """Hand ``reading`` to every matching subscriber. Never blocks."""
+        self.published += 1
+        route = self._routes.get(reading.topic)
+        if route is None:
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()  # bounded memory even if devices invent topics
+            route = tuple(s for s in self._subs.values() if s.matches(reading.topic))
+            self._routes[reading.topic] = route
+        for sub in route:
+            sub._offer(reading)
+
+    def publish_many(self, readings: Iterable[Reading]) -> None:
+        for reading in readings:
+            self.publish(reading)
+
+    def statistics(self) -> dict[str, object]:
+        return {
+            "published": self.published,
+            "subscribers": {s.name: s.statistics() for s in self._subs.values()},
+        }

@@ -1,0 +1,79 @@
+"""Logging: one line per event with ``key=value`` context.
+
+Under systemd (``$JOURNAL_STREAM`` set) each line starts with a ``<N>`` syslog priority that
+journald turns into the entry's priority, and carries no timestamp (journald adds one). On a
+terminal, lines carry a UTC timestamp and the level. Use ``extra=kv(bus="rs485-1")`` for
+context. Secrets never reach a log line: config values are logged only as ``Secret`` objects,
+whose repr hides the value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import IO
+
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+def kv(**fields: object) -> dict[str, object]:
+    """``extra=`` for a log call: context printed as ``key=value`` after the message."""
+    return {"kv": fields}
+
+
+def _format_value(value: object) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        fields: dict[str, object] = getattr(record, "kv", {})
+        if fields:
+            message += " " + " ".join(f"{k}={_format_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            # One journal entry per line would split a traceback; keep it in one record.
+            trace = self.formatException(record.exc_info)
+            message += "\n" + trace
+        if self.journal:
+            prio = _PRIORITY.get(record.levelno, 6)
+            # Continuation lines get the prefix too, so journald keeps their priority.
+            return "\n".join(f"<{prio}>{line}" for line in message.split("\n"))
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ms = int(record.msecs)
+        return f"{ts}.{ms:03d}Z {record.levelname:<7} {record.name}: {message}"
+
+
+def under_journal() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM"))
+
+
+def setup(level: str = "info", stream: IO[str] | None = None) -> None:
+    """Configure the root logger once; call again to change the level (reload)."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        if getattr(handler, "_edge_gateway", False):
+            return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter(journal=under_journal()))
+    handler._edge_gateway = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    # Libraries chat at INFO about every request; our lines say what matters.
+    for noisy in ("hypercorn", "httpx", "httpcore", "pymodbus", "trio-websocket"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
