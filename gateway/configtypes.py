@@ -157,7 +157,7 @@ def duplicate_names(path: str, names: Iterable[str]) -> Iterator[tuple[str, str]
         if name in seen:
             yield (
                 f"{path}[{i}].name",
-                f"duplicate name {name!r} (also {path}[{seen[name]}]): names must be unique",
+                f"duplicate name {name!r} (entry [{seen[name]}] has it too): names must be unique",
             )
         else:
             seen[name] = i

@@ -155,6 +155,9 @@ class Supervised:
             await trio.sleep_until(deadline)
 
     def _failed(self, exc: BaseException, healthy_for: float) -> float:
+        # The per-attempt nursery wraps the component's error; log the error itself.
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
         if healthy_for >= self.backoff.healthy_after:
             self.failures = 0
         self.failures += 1

@@ -1,0 +1,129 @@
+"""Hub: fan-out that never blocks a producer; bounded buffers with exact drop counts."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow
+from gateway.reading import Reading
+from gateway.topics import matches, pattern_problem
+
+
+def reading(topic: str, value: float) -> Reading:
+    return Reading(topic, value, timestamp=0.0)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "expected"),
+    [
+        ("#", "a/b/c", True),
+        ("a/#", "a/b/c", True),
+        ("a/#", "a", True),
+        ("a/+/c", "a/b/c", True),
+        ("a/+/c", "a/b/d", False),
+        ("a/+", "a/b/c", False),
+        ("+/+/+", "a/b/c", True),
+        ("a/b/c", "a/b/c", True),
+        ("a/b", "a/b/c", False),
+        ("b/#", "a/b/c", False),
+    ],
+)
+def test_topic_matching(pattern: str, topic: str, expected: bool) -> None:
+    assert matches(pattern, topic) is expected
+
+
+@pytest.mark.parametrize("pattern", ["a/#/b", "a/b+", "a//b", "#a"])
+def test_bad_patterns_are_refused(pattern: str) -> None:
+    assert pattern_problem(pattern) is not None
+    with pytest.raises(ValueError, match="'"):
+        Hub().subscribe("x", [pattern])
+
+
+async def test_subscriber_that_never_reads_blocks_no_one() -> None:
+    hub = Hub()
+    stuck = hub.subscribe("stuck", ["#"], maxlen=10)
+    live = hub.subscribe("live", ["line/#"], maxlen=1000)
+    received: list[Reading] = []
+
+    async def consume() -> None:
+        async for delivery in live:
+            received.extend(delivery.readings)
+            if len(received) == 500:
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        for i in range(500):
+            hub.publish(reading("line/dev/p", i))  # sync: cannot block
+            if i % 50 == 0:
+                await trio.testing.wait_all_tasks_blocked()
+    assert [r.value for r in received] == list(range(500))
+    # The stuck subscriber kept the newest 10 and counted exactly the 490 it lost.
+    delivery = stuck.receive_nowait()
+    assert [r.value for r in delivery.readings] == list(range(490, 500))
+    assert delivery.dropped == 490
+    stats = hub.statistics()["subscribers"]
+    assert stats["stuck"]["dropped"] == 490  # type: ignore[index]
+    assert stats["live"]["dropped"] == 0  # type: ignore[index]
+    # The count is reported once, with the next delivery only.
+    hub.publish(reading("line/dev/p", 1000))
+    assert stuck.receive_nowait().dropped == 0
+
+
+async def test_disconnect_policy_ends_only_that_subscriber() -> None:
+    hub = Hub()
+    strict = hub.subscribe("strict", ["#"], maxlen=3, policy=OverflowPolicy.DISCONNECT)
+    other = hub.subscribe("other", ["#"], maxlen=100)
+    for i in range(5):
+        hub.publish(reading("a/b/c", i))
+    # It gets what it had, then the overflow error; it no longer receives anything.
+    assert [r.value for r in strict.receive_nowait().readings] == [0, 1, 2]
+    with pytest.raises(SubscriberOverflow, match="fell more than 3 readings behind"):
+        await strict.receive()
+    assert "strict" not in hub.statistics()["subscribers"]  # type: ignore[operator]
+    assert [r.value for r in other.receive_nowait().readings] == [0, 1, 2, 3, 4]
+
+
+async def test_patterns_route_readings() -> None:
+    hub = Hub()
+    boiler = hub.subscribe("boiler", ["line/boiler/+"])
+    temps = hub.subscribe("temps", ["+/+/temperature"])
+    hub.publish(reading("line/boiler/temperature", 1))
+    hub.publish(reading("line/boiler/pressure", 2))
+    hub.publish(reading("line/conveyor/temperature", 3))
+    assert [r.value for r in boiler.receive_nowait().readings] == [1, 2]
+    assert [r.value for r in temps.receive_nowait().readings] == [1, 3]
+
+
+async def test_close_unsubscribes_and_wakes_receiver() -> None:
+    hub = Hub()
+    got: list[type[BaseException]] = []
+
+    async def wait() -> None:
+        with pytest.raises(trio.EndOfChannel):
+            await sub.receive()
+        got.append(trio.EndOfChannel)
+
+    with hub.subscribe("temp", ["#"]) as sub:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            sub.close()
+    assert got == [trio.EndOfChannel]
+    hub.publish(reading("a/b/c", 1))  # no subscriber left: nothing to deliver to
+    assert hub.statistics()["subscribers"] == {}
+
+
+def test_reading_encodes_once() -> None:
+    r = Reading("a/b/c", 1.5, unit="bar", timestamp=0.0)
+    first = r.encoded()
+    assert first == (
+        b'{"topic":"a/b/c","value":1.5,"quality":"good",'
+        b'"ts":"1970-01-01T00:00:00.000Z","unit":"bar"}'
+    )
+    assert r.encoded() is first
+    bad = Reading.bad("a/b/c", "timeout")
+    assert not bad.good
+    assert bad.as_dict()["reason"] == "timeout"

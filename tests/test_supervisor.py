@@ -1,0 +1,196 @@
+"""Supervisor: restarts with growing, jittered delays; others keep running; reset after health."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from gateway.supervisor import Backoff, State, Supervised
+
+Progress = Callable[[], None]
+
+
+def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
+    b = Backoff(initial=1.0, maximum=60.0)
+    assert [b.ceiling(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert b.ceiling(10_000) == 60  # no overflow however long a bus stays down
+
+
+def test_full_jitter_stays_within_the_ceiling() -> None:
+    b = Backoff(initial=1.0, maximum=60.0)
+    rng = random.Random(7)
+    for n in range(1, 12):
+        delays = [b.delay(n, rng) for _ in range(200)]
+        assert all(0 <= d <= b.ceiling(n) for d in delays)
+        # Full jitter spreads over the whole range, not just near the top.
+        assert min(delays) < b.ceiling(n) / 4 < b.ceiling(n) * 3 / 4 < max(delays)
+
+
+class NoJitter(random.Random):
+    """Always the top of the range, so delays are exact."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def failing(times: int, *, up_for: float = 0.0) -> tuple[list[float], Callable[..., object]]:
+    """A component that comes up, runs ``up_for`` seconds, then fails; ``times`` times."""
+    starts: list[float] = []
+
+    def make(progress: Progress) -> Callable[..., Awaitable[None]]:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            starts.append(trio.current_time())
+            task_status.started()
+            if len(starts) <= times:
+                await trio.sleep(up_for)
+                raise OSError(f"port gone (attempt {len(starts)})")
+            while True:
+                progress()
+                await trio.sleep(1)
+
+        return run
+
+    return starts, make
+
+
+async def test_failing_component_restarts_with_growing_delays_others_keep_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts, make = failing(5)
+    bad = Supervised("bus bad", make, Backoff(1.0, 60.0), rng=NoJitter())  # type: ignore[arg-type]
+    ticks: list[float] = []
+
+    def make_good(progress: Progress) -> Callable[..., Awaitable[None]]:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            while True:
+                ticks.append(trio.current_time())
+                await trio.sleep(1)
+
+        return run
+
+    good = Supervised("bus good", make_good, Backoff())
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        await nursery.start(bad.run)
+        await nursery.start(good.run)
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert bad.delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert bad.total_failures == 5
+    assert bad.last_error == "OSError: port gone (attempt 5)"
+    # The good bus ticked once a second all along, untouched by the other's failures.
+    assert ticks == [t0 + i for i in range(101)]
+    assert good.total_failures == 0
+    assert good.state is State.STOPPED
+
+
+async def test_backoff_resets_after_a_period_of_health(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    _, make = failing(6, up_for=0.0)
+    backoff = Backoff(1.0, 60.0, healthy_after=30.0)
+    sup = Supervised("bus x", make, backoff, rng=NoJitter())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(5)  # failures at t=0, 1, 3: delays 1, 2, 4
+        assert sup.delays == [1.0, 2.0, 4.0]
+        nursery.cancel_scope.cancel()
+
+    # Now a component that stays up longer than healthy_after between failures.
+    _starts, make = failing(3, up_for=40.0)
+    sup = Supervised("bus y", make, backoff, rng=NoJitter())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(200)
+        nursery.cancel_scope.cancel()
+    assert sup.delays == [1.0, 1.0, 1.0]  # never grew: each run was healthy long enough
+    assert sup.total_failures == 3
+
+
+async def test_failure_before_started_does_not_hold_back_startup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def make(progress: Progress) -> Callable[..., Awaitable[None]]:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            raise FileNotFoundError("/dev/ttyUSB0")
+
+        return run
+
+    sup = Supervised("bus rs485", make, Backoff(1.0, 4.0), rng=NoJitter())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)  # returns although the component never came up
+        assert sup.state is State.BACKOFF
+        assert sup.last_error == "FileNotFoundError: /dev/ttyUSB0"
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert sup.delays[:4] == [1.0, 2.0, 4.0, 4.0]
+
+
+async def test_stalled_component_is_restarted(autojump_clock: trio.testing.MockClock) -> None:
+    attempts: list[float] = []
+
+    def make(progress: Progress) -> Callable[..., Awaitable[None]]:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            attempts.append(trio.current_time())
+            task_status.started()
+            progress()
+            await trio.sleep_forever()  # hangs without progress
+
+        return run
+
+    sup = Supervised("bus hung", make, Backoff(1.0, 1.0), stall_after=10.0, rng=NoJitter())
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        await nursery.start(sup.run)
+        await trio.sleep(25)
+        nursery.cancel_scope.cancel()
+    assert attempts == [t0, t0 + 11.0, t0 + 22.0]
+    assert sup.last_error == "ComponentStalled: no progress for 10s; restarting"
+
+
+async def test_stuck_reports_only_when_the_supervisor_failed_to_act(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def make(progress: Progress) -> Callable[..., Awaitable[None]]:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            with trio.CancelScope(shield=True):  # ignores the supervisor's cancel
+                await trio.sleep(1000)
+
+        return run
+
+    sup = Supervised("bus wedged", make, Backoff(), stall_after=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(5)
+        assert not sup.stuck(grace=5.0)
+        await trio.sleep(11)
+        assert sup.stuck(grace=5.0)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+async def test_traceback_logged_first_time_then_a_count(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, failures: int
+) -> None:
+    _, make = failing(failures)
+    sup = Supervised("bus x", make, Backoff(1.0, 2.0), rng=NoJitter())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    records = [
+        r for r in caplog.records if r.name == "gateway.supervisor" and r.levelname == "ERROR"
+    ]
+    assert len(records) == failures
+    assert records[0].exc_info is not None
+    assert all(r.exc_info is None for r in records[1:])
+    assert [r.kv["failures"] for r in records] == list(range(1, failures + 1))  # type: ignore[attr-defined]
