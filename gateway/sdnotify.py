@@ -22,6 +22,8 @@ class Notifier:
         self._sock: socket.socket | None = None
         if self.address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the event loop on a full receive queue; a lost STATUS is harmless.
+            self._sock.setblocking(False)
             if self.address.startswith("@"):  # abstract namespace
                 self.address = "\0" + self.address[1:]
         self.watchdog_interval = self._watchdog_interval(env)
