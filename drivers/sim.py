@@ -59,6 +59,8 @@ class SimBusConfig:
         return 3 * max((d.interval for d in self.devices), default=1.0) + 10.0
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if not self.devices:
+            yield "devices", "a sim bus needs at least one [[buses.devices]] table"
         yield from duplicate_names("devices", [d.name for d in self.devices])
         for i, d in enumerate(self.devices):
             if d.interval <= 0:

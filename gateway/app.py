@@ -98,22 +98,22 @@ class Buses:
         sup.stop()
         await self._done.pop(name).wait()
 
-    async def apply(self, configs: Iterable[BusConfig], backoff: Backoff) -> tuple[int, int]:
-        """Make the running buses match ``configs``; returns (stopped, started)."""
+    async def apply(self, configs: Iterable[BusConfig], backoff: Backoff) -> tuple[int, int, int]:
+        """Make the running buses match ``configs``; returns (restarted, removed, added)."""
         self.backoff = backoff
         wanted: dict[str, BusConfig] = {c.name: c for c in configs}
+        running = set(self.supervised)
         changed = [n for n, (old, _) in self.supervised.items() if wanted.get(n) != old]
         for name in changed:
             log.info("stopping bus for reload", extra=kv(bus=name))
             await self._stop(name)
         for _, sup in self.supervised.values():
             sup.backoff = backoff
-        started = 0
         for config in wanted.values():
             if config.name not in self.supervised:
                 await self._start(config)
-                started += 1
-        return len(changed), started
+        removed = running - set(wanted)
+        return len(changed) - len(removed), len(removed), len(set(wanted) - running)
 
     async def stop_all(self) -> None:
         for name in list(self.supervised):
@@ -207,11 +207,11 @@ class Gateway:
                 return
             self.notifier.reloading()
             logs.setup(new.logging.level)
-            stopped, started = await self.buses.apply(new.buses, backoff_of(new))
+            restarted, removed, added = await self.buses.apply(new.buses, backoff_of(new))
             self.config = new
             status = self.status_line()
             self.notifier.ready(status)
-            log.info("reloaded", extra=kv(buses_restarted=stopped, buses_started=started))
+            log.info("reloaded", extra=kv(restarted=restarted, removed=removed, added=added))
 
     # ---- health ------------------------------------------------------------------------------
 
@@ -250,7 +250,7 @@ class Gateway:
     def status_line(self, rate: float | None = None) -> str:
         sups = self.buses.all_supervised()
         up = sum(1 for s in sups if s.state is State.UP)
-        text = f"{up} buses up, {len(sups) - up} down"
+        text = f"{up} {'bus' if up == 1 else 'buses'} up, {len(sups) - up} down"
         if rate is not None:
             text += f", {rate:.0f} readings/s"
         return text
@@ -259,7 +259,7 @@ class Gateway:
         return {"hub": self.hub.statistics(), "buses": self.buses.statistics()}
 
 
-def prepare_state_dir(config: Config) -> None:
+def prepare_state_dir(config: Config, source: str) -> Config:
     """Create the state directory; an unusable one is a config error (exit 78)."""
     path = Path(config.gateway.state_dir)
     try:
@@ -269,7 +269,7 @@ def prepare_state_dir(config: Config) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(
-            "gateway.toml",
+            source,
             [
                 (
                     "gateway.state_dir",
@@ -278,3 +278,4 @@ def prepare_state_dir(config: Config) -> None:
                 )
             ],
         ) from None
+    return config

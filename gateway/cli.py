@@ -65,7 +65,7 @@ def check_config(path: Path) -> int:
 
 
 def run(path: Path) -> int:
-    return _serve(lambda: load_config(path))
+    return _serve(lambda: prepare_state_dir(load_config(path), str(path)))
 
 
 def demo() -> int:
@@ -73,13 +73,15 @@ def demo() -> int:
 
     with demo_mod.state_tempdir() as state_dir:
         log.info("demo: simulated sensors, state in %s; press Ctrl-C to stop", state_dir)
-        return _serve(lambda: demo_mod.demo_config(state_dir), [demo_mod.console])
+        return _serve(
+            lambda: prepare_state_dir(demo_mod.demo_config(state_dir), "demo config"),
+            [demo_mod.console],
+        )
 
 
 def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
     try:
-        config = load()
-        prepare_state_dir(config)
+        config = load()  # also what SIGHUP calls, so a reload is checked the same way
     except ConfigError as e:
         for line in e.lines():
             log.error("%s", line)

@@ -25,6 +25,7 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
+from cattrs.gen import make_dict_structure_fn
 
 from drivers.base import BusConfig
 from drivers.registry import KINDS, DriverKind
@@ -53,7 +54,7 @@ def _default_state_dir() -> str:
 
 @attrs.frozen
 class GatewaySection:
-    name: Name = Name("edge-gateway")
+    name: str = "edge-gateway"
     state_dir: str = attrs.field(factory=_default_state_dir)
     shutdown_timeout: Duration = Duration(10.0)
     status_interval: Duration = Duration(5.0)
@@ -99,6 +100,16 @@ class Config:
                     f"({format_duration(s.backoff_initial)})"
                 ),
             )
+        if not Path(self.gateway.state_dir).is_absolute():
+            yield (
+                "gateway.state_dir",
+                (
+                    f"{self.gateway.state_dir!r} is relative: give an absolute path "
+                    "(under systemd, StateDirectory= provides /var/lib/edge-gateway)"
+                ),
+            )
+        if self.gateway.shutdown_timeout <= 0:
+            yield "gateway.shutdown_timeout", "must be greater than 0"
         if self.gateway.status_interval <= 0:
             yield "gateway.status_interval", "must be greater than 0"
         if self.hub.subscriber_buffer < 1:
@@ -127,14 +138,25 @@ class ConfigError(Exception):
 # ---- the converter ------------------------------------------------------------------------
 
 
+def toml_repr(value: object) -> str:
+    """A value as it is written in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
 def _strict(kind: type, label: str) -> Callable[[object, type], object]:
     def structure(value: object, _: type) -> object:
         if isinstance(value, bool) and kind is not bool:
-            raise ConfigValueError(f"{value!r} is not {label}")
+            raise ConfigValueError(f"{toml_repr(value)} is not {label}")
         if kind is float and isinstance(value, int):
             return float(value)
         if not isinstance(value, kind):
-            raise ConfigValueError(f"{value!r} is not {label}")
+            raise ConfigValueError(f"{toml_repr(value)} is not {label}")
         return value
 
     return structure
@@ -149,7 +171,9 @@ def _literal_hook(tp: Any) -> Callable[[object, type], object]:
 
     def structure(value: object, _: type) -> object:
         if value not in choices:
-            raise ConfigValueError(f"{value!r} is not one of {', '.join(str(c) for c in choices)}")
+            raise ConfigValueError(
+                f"{toml_repr(value)} is not one of {', '.join(str(c) for c in choices)}"
+            )
         return value
 
     return structure
@@ -165,9 +189,23 @@ def _make_converter(config_dir: Path, kinds: Mapping[str, DriverKind]) -> cattrs
     conv.register_structure_hook(Size, lambda v, _: parse_size(v))
     conv.register_structure_hook(Name, lambda v, _: parse_name(v))
     conv.register_structure_hook(Secret, lambda v, _: load_secret(v, config_dir))
-    conv.register_structure_hook_factory(
-        lambda t: getattr(t, "__origin__", None) is Literal, _literal_hook
-    )
+    conv.register_structure_hook_factory(_is_literal, _literal_hook)
+
+    def table_hook(cl: type) -> Callable[[object, type], object]:
+        structure_fields: Callable[..., object] = make_dict_structure_fn(
+            cl, conv, _cattrs_forbid_extra_keys=True
+        )
+
+        def structure(value: object, _: type) -> object:
+            if not isinstance(value, dict):
+                raise ConfigValueError(
+                    f"{toml_repr(value)} is not a table: write [section] or {{ key = value }}"
+                )
+            return structure_fields(value, cl)
+
+        return structure
+
+    conv.register_structure_hook_factory(attrs.has, table_hook)
 
     def structure_bus(value: object, _: type) -> object:
         if not isinstance(value, dict):
@@ -210,6 +248,8 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
         yield path, "missing: this key is required"
     elif isinstance(exc, ConfigValueError):
         yield (f"{path}.{exc.subpath}" if exc.subpath else path), str(exc)
+    elif isinstance(exc, TypeError) and "not iterable" in str(exc):
+        yield path, "expected a list (e.g. [[buses]] tables, or [ ... ])"
     elif isinstance(exc, (ValueError, TypeError)):
         yield path, str(exc)
     else:

@@ -50,6 +50,8 @@ class _Formatter(logging.Formatter):
             # One journal entry per line would split a traceback; keep it in one record.
             trace = self.formatException(record.exc_info)
             message += "\n" + trace
+        if record.stack_info:  # log.warning(..., stack_info=True)
+            message += "\n" + self.formatStack(record.stack_info)
         if self.journal:
             prio = _PRIORITY.get(record.levelno, 6)
             # Continuation lines get the prefix too, so journald keeps their priority.
@@ -60,6 +62,8 @@ class _Formatter(logging.Formatter):
 
 
 def under_journal() -> bool:
+    # systemd also passes stderr's device:inode here; we only run as the unit's main process
+    # (never with stderr redirected), so the variable being set is enough.
     return bool(os.environ.get("JOURNAL_STREAM"))
 
 
@@ -67,6 +71,10 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     """Configure the root logger once; call again to change the level (reload)."""
     root = logging.getLogger()
     root.setLevel(level.upper())
+    # Libraries chat at INFO about every request; our lines say what matters. Set on every
+    # call: their own level, not the root's, decides what they log.
+    for noisy in ("hypercorn", "httpx", "httpcore", "pymodbus", "trio-websocket"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     for handler in root.handlers:
         if getattr(handler, "_edge_gateway", False):
             return
@@ -74,6 +82,3 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     handler.setFormatter(_Formatter(journal=under_journal()))
     handler._edge_gateway = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    # Libraries chat at INFO about every request; our lines say what matters.
-    for noisy in ("hypercorn", "httpx", "httpcore", "pymodbus", "trio-websocket"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -20,6 +20,7 @@ class Notifier:
         env = os.environ if environ is None else environ
         self.address = env.get("NOTIFY_SOCKET") or None
         self._sock: socket.socket | None = None
+        self._failing = False
         if self.address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             # Never block the event loop on a full receive queue; a lost STATUS is harmless.
@@ -52,7 +53,11 @@ class Notifier:
         try:
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as e:
-            log.warning("sd_notify failed: %s", e)
+            if not self._failing:  # once per outage, not once per ping
+                log.warning("sd_notify failed: %s", e)
+            self._failing = True
+        else:
+            self._failing = False
 
     def ready(self, status: str | None = None) -> None:
         self.notify("READY=1", *([f"STATUS={status}"] if status else []))

@@ -61,8 +61,37 @@ def test_sim_bus_is_structured_by_kind() -> None:
         ),
         pytest.param(
             "[gateway]\nname = 5\n",
-            ("gateway.name", "5 is not a name: expected a string"),
+            ("gateway.name", "5 is not a string"),
             id="wrong-type",
+        ),
+        pytest.param(
+            "[hub]\nsubscriber_buffer = true\n",
+            ("hub.subscriber_buffer", "true is not a whole number"),
+            id="bool-for-int",
+        ),
+        pytest.param(
+            "buses = 3\n",
+            ("buses", "expected a list (e.g. [[buses]] tables, or [ ... ])"),
+            id="not-a-list",
+        ),
+        pytest.param(
+            'gateway = "x"\n',
+            ("gateway", "'x' is not a table: write [section] or { key = value }"),
+            id="not-a-table",
+        ),
+        pytest.param(
+            '[gateway]\nstate_dir = "state"\n',
+            (
+                "gateway.state_dir",
+                "'state' is relative: give an absolute path (under systemd, StateDirectory= "
+                "provides /var/lib/edge-gateway)",
+            ),
+            id="relative-state-dir",
+        ),
+        pytest.param(
+            '[[buses]]\nname = "a"\nkind = "sim"\n',
+            ("buses[0].devices", "a sim bus needs at least one [[buses.devices]] table"),
+            id="empty-bus",
         ),
         pytest.param(
             '[hub]\nsubscriber_buffer = "10"\n',
@@ -108,8 +137,11 @@ def test_sim_bus_is_structured_by_kind() -> None:
             id="missing-name",
         ),
         pytest.param(
-            '[[buses]]\nname = "a"\nkind = "sim"\n[[buses]]\nname = "a"\nkind = "sim"\n',
-            ("buses[1].name", "duplicate name 'a' (entry [0] has it too): names must be unique"),
+            SIM_BUS + SIM_BUS,
+            (
+                "buses[1].name",
+                "duplicate name 'line-1' (entry [0] has it too): names must be unique",
+            ),
             id="duplicate-bus",
         ),
         pytest.param(

@@ -105,10 +105,11 @@ async def test_watchdog_pings_at_half_the_period_and_stops_when_stuck(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.run)
         pings = []
+        await trio.sleep(0.5)  # read between pings, never at the same instant as one
         for _ in range(10):  # the socket queues only ~10 datagrams: read as they come
             await trio.sleep(1)
             pings += [m for m in drain(sock) if m == "WATCHDOG=1"]
-        assert len(pings) == 11  # every 1 s (half of WATCHDOG_USEC), from t=0
+        assert len(pings) == 11  # t = 0, 1, ..., 10: every 1 s (half of WATCHDOG_USEC)
 
         sup = Supervised("bus wedged", make, Backoff(), stall_after=5.0)
         gw.buses.supervised["wedged"] = (config, sup)  # type: ignore[assignment]

@@ -1,0 +1,242 @@
+"""Modbus frames and PDUs, sans-IO. The only module that imports pymodbus.
+
+pymodbus's framers (``FramerRTU``, ``FramerSocket``) and PDU classes build and parse the
+bytes; this module adds what a master needs around them: a request description of our own,
+RTU response framing by expected length + CRC (never by silence), MBAP transaction ids with
+stale responses skipped, and exception responses turned into ``ModbusExceptionResponse``.
+A pymodbus API change touches this file only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from pymodbus.framer import FramerRTU, FramerSocket
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import (
+    ReadCoilsRequest,
+    ReadDiscreteInputsRequest,
+    WriteMultipleCoilsRequest,
+    WriteSingleCoilRequest,
+)
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
+
+EXCEPTION_NAMES = {
+    0x01: "illegal function",
+    0x02: "illegal address",
+    0x03: "illegal value",
+    0x04: "device failure",
+    0x05: "acknowledge",
+    0x06: "device busy",
+    0x08: "memory parity error",
+    0x0A: "gateway path unavailable",
+    0x0B: "gateway target failed to respond",
+}
+
+READ_FUNCTIONS = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+
+
+class ModbusExceptionResponse(Exception):
+    """The device answered with an exception code (a valid answer: the link is fine)."""
+
+    def __init__(self, function_code: int, code: int) -> None:
+        self.function_code = function_code
+        self.code = code
+        name = EXCEPTION_NAMES.get(code, "unknown exception")
+        self.reason = f"exception {code:02X} {name}"
+        super().__init__(f"{self.reason} (function {function_code})")
+
+
+class FrameError(Exception):
+    """A response that fails its CRC, has the wrong length, or does not match the request."""
+
+
+@attrs.frozen
+class Request:
+    """One Modbus transaction as the poller and writer describe it."""
+
+    function_code: int
+    unit_id: int
+    address: int
+    count: int = 1
+    registers: tuple[int, ...] = ()
+    bits: tuple[bool, ...] = ()
+
+    @classmethod
+    def read(cls, table: str, unit_id: int, address: int, count: int) -> Request:
+        return cls(READ_FUNCTIONS[table], unit_id, address, count)
+
+    @classmethod
+    def write_registers(cls, unit_id: int, address: int, registers: Sequence[int]) -> Request:
+        regs = tuple(registers)
+        fc = 6 if len(regs) == 1 else 16
+        return cls(fc, unit_id, address, len(regs), registers=regs)
+
+    @classmethod
+    def write_coils(cls, unit_id: int, address: int, bits: Sequence[bool]) -> Request:
+        values = tuple(bits)
+        fc = 5 if len(values) == 1 else 15
+        return cls(fc, unit_id, address, len(values), bits=values)
+
+    def pdu(self, transaction_id: int = 0) -> ModbusPDU:
+        cls = _PDU_CLASSES.get(self.function_code)
+        if cls is None:
+            raise ValueError(f"unsupported function code {self.function_code}")
+        common: dict[str, Any] = {
+            "dev_id": self.unit_id,
+            "transaction_id": transaction_id,
+            "address": self.address,
+        }
+        if self.function_code <= 4:
+            return cls(count=self.count, **common)
+        if self.bits:
+            return cls(bits=list(self.bits), **common)
+        return cls(registers=list(self.registers), **common)
+
+
+_PDU_CLASSES: dict[int, type[ModbusPDU]] = {
+    1: ReadCoilsRequest,
+    2: ReadDiscreteInputsRequest,
+    3: ReadHoldingRegistersRequest,
+    4: ReadInputRegistersRequest,
+    5: WriteSingleCoilRequest,
+    6: WriteSingleRegisterRequest,
+    15: WriteMultipleCoilsRequest,
+    16: WriteMultipleRegistersRequest,
+}
+
+
+@attrs.frozen
+class Response:
+    registers: tuple[int, ...] = ()
+    bits: tuple[bool, ...] = ()
+
+
+def _response(request: Request, pdu: ModbusPDU) -> Response:
+    if isinstance(pdu, ExceptionResponse) or pdu.function_code & 0x80:
+        raise ModbusExceptionResponse(request.function_code, pdu.exception_code)
+    if pdu.function_code != request.function_code:
+        raise FrameError(
+            f"response to function {pdu.function_code}, expected {request.function_code}"
+        )
+    if request.function_code in (1, 2):
+        bits = tuple(bool(b) for b in pdu.bits)
+        if len(bits) < request.count:
+            raise FrameError(f"{len(bits)} bits in the response, expected {request.count}")
+        return Response(bits=bits[: request.count])  # padded to a byte on the wire
+    if request.function_code in (3, 4):
+        if len(pdu.registers) != request.count:
+            raise FrameError(
+                f"{len(pdu.registers)} registers in the response, expected {request.count}"
+            )
+        return Response(registers=tuple(pdu.registers))
+    return Response()
+
+
+class RtuCodec:
+    """Master side of Modbus RTU (also RTU over TCP). One transaction at a time:
+    ``encode(request)``, then feed bytes to ``receive_data`` until ``response()`` returns
+    a value (or raises ``FrameError`` / ``ModbusExceptionResponse``)."""
+
+    def __init__(self) -> None:
+        self._framer = FramerRTU(DecodePDU(is_server=False))
+        self._decoder = DecodePDU(is_server=False)
+        self._buffer = bytearray()
+        self._request: Request | None = None
+
+    def encode(self, request: Request) -> bytes:
+        self._request = request
+        self._buffer.clear()
+        frame: bytes = self._framer.buildFrame(request.pdu())
+        return frame
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def expected_length(self) -> int | None:
+        """Bytes the whole response frame needs, once enough of it is in to tell."""
+        buf = self._buffer
+        if len(buf) < 3:
+            return None
+        if buf[1] & 0x80:
+            return 5
+        if buf[1] in (1, 2, 3, 4):
+            return 3 + buf[2] + 2
+        return 8
+
+    def response(self) -> Response | None:
+        """The response, when complete; None when more bytes are needed."""
+        assert self._request is not None, "encode() a request first"
+        request = self._request
+        size = self.expected_length()
+        if size is None or len(self._buffer) < size:
+            return None
+        frame = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        if frame[0] != request.unit_id:
+            raise FrameError(f"response from unit {frame[0]}, expected {request.unit_id}")
+        crc = int.from_bytes(frame[-2:], "big")
+        if not FramerRTU.check_CRC(frame[:-2], crc):
+            raise FrameError("CRC mismatch")
+        pdu = self._decoder.decode(frame[1:-2])
+        if pdu is None:
+            raise FrameError(f"undecodable response {frame.hex()}")
+        return _response(request, pdu)
+
+    @property
+    def pending(self) -> int:
+        """Bytes received beyond the response (noise, or a late answer to an old request)."""
+        return len(self._buffer)
+
+
+class MbapCodec:
+    """Master side of Modbus TCP (MBAP header). Each request gets the next transaction id;
+    responses with another id (late answers to requests that already timed out) are skipped
+    and counted, so a stale response is never taken for the current one."""
+
+    def __init__(self) -> None:
+        self._framer = FramerSocket(DecodePDU(is_server=False))
+        self._buffer = bytearray()
+        self._tid = 0
+        self._request: Request | None = None
+        self.stale = 0
+
+    def encode(self, request: Request) -> bytes:
+        self._tid = self._tid % 0xFFFF + 1  # 1..65535; 0 is never used
+        self._request = request
+        frame: bytes = self._framer.buildFrame(request.pdu(self._tid))
+        return frame
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def response(self) -> Response | None:
+        assert self._request is not None, "encode() a request first"
+        while len(self._buffer) >= 8:
+            if self._buffer[2:4] != b"\x00\x00":
+                raise FrameError(f"not Modbus TCP: protocol id {self._buffer[2:4].hex()}")
+            size = 6 + int.from_bytes(self._buffer[4:6], "big")
+            if size < 8 or size > 260:
+                raise FrameError(f"invalid MBAP length {size - 6}")
+            if len(self._buffer) < size:
+                return None
+            frame = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            tid = int.from_bytes(frame[:2], "big")
+            if tid != self._tid:
+                self.stale += 1
+                continue
+            if frame[6] != self._request.unit_id:
+                raise FrameError(f"response from unit {frame[6]}, expected {self._request.unit_id}")
+            pdu = self._framer.decoder.decode(frame[7:])
+            if pdu is None:
+                raise FrameError(f"undecodable response {frame.hex()}")
+            return _response(self._request, pdu)
+        return None

@@ -1,0 +1,348 @@
+"""Config classes for ``kind = "modbus-rtu"`` and ``kind = "modbus-tcp"`` buses.
+
+Addresses are 0-based protocol addresses as sent on the wire (a vendor's "40001" is holding
+register address 0). Everything the user can get wrong is checked here with a path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import attrs
+
+from gateway.configtypes import Duration, Name, duplicate_names
+
+Table = Literal["coil", "discrete", "holding", "input"]
+DataType = Literal[
+    "bool",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float32",
+    "float64",
+    "string",
+]
+# Byte/word order as Telegraf names it. The four-letter names apply to every width (AB..: no
+# swap, BA..: bytes swapped in each register, CD..: registers swapped, DC..: both); the two-
+# and eight-letter names are accepted for 16- and 64-bit values.
+Order = Literal[
+    "ABCD",
+    "DCBA",
+    "BADC",
+    "CDAB",
+    "AB",
+    "BA",
+    "ABCDEFGH",
+    "HGFEDCBA",
+    "BADCFEHG",
+    "GHEFCDAB",
+]
+
+REGISTERS = {
+    "bool": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
+}
+MAX_READ_REGISTERS = 125
+MAX_READ_BITS = 2000
+MAX_WRITE_REGISTERS = 123
+
+
+@attrs.frozen
+class ModbusPointConfig:
+    name: Name
+    table: Table
+    address: int
+    type: DataType = "uint16"
+    order: Order = "ABCD"
+    bit: int | None = None
+    """For ``type = "bool"`` on a holding/input register: which bit (0 = least significant)."""
+    length: int | None = None
+    """For ``type = "string"``: how many registers (two characters each)."""
+    scale: float = 1.0
+    offset: float = 0.0
+    """value = raw * scale + offset (inverted for writes)."""
+    unit: str | None = None
+    deadband: float | None = None
+    """Report only when the value moved more than this since the last report."""
+    heartbeat: Duration | None = None
+    """With a deadband: report at least this often anyway."""
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    """Accepted range for writes, in engineering units (after scale/offset)."""
+
+    @property
+    def is_bit_table(self) -> bool:
+        return self.table in ("coil", "discrete")
+
+    @property
+    def width(self) -> int:
+        """Registers (or bits, on coil/discrete tables) this point occupies."""
+        if self.is_bit_table:
+            return 1
+        if self.type == "string":
+            return self.length or 0
+        return REGISTERS[self.type]
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not 0 <= self.address <= 65535:
+            yield "address", f"{self.address} is outside 0..65535 (addresses are 0-based)"
+        if self.is_bit_table:
+            if self.type != "bool":
+                yield (
+                    "type",
+                    (
+                        f'a {self.table} holds one bit: use type = "bool" '
+                        f"(a {self.type} needs holding or input registers)"
+                    ),
+                )
+            if self.bit is not None:
+                yield "bit", f"bit selects a bit of a register; {self.table}s are single bits"
+        elif self.type == "bool" and self.bit is None:
+            yield (
+                "bit",
+                (
+                    f'a bool on {self.table} registers needs bit = 0..15 (or use table = "coil" '
+                    '/ "discrete")'
+                ),
+            )
+        if self.bit is not None and not 0 <= self.bit <= 15:
+            yield "bit", f"{self.bit} is outside 0..15"
+        if self.type == "string":
+            if self.length is None:
+                yield "length", "a string needs length = number of registers (2 chars each)"
+            elif not 1 <= self.length <= MAX_READ_REGISTERS:
+                yield "length", f"{self.length} is outside 1..{MAX_READ_REGISTERS}"
+        elif self.length is not None:
+            yield "length", 'length is only for type = "string"'
+        if self.address + max(self.width, 1) - 1 > 65535:
+            yield "address", f"{self.name} runs past address 65535"
+        if len(self.order) == 2 and self.type not in ("int16", "uint16", "string"):
+            yield "order", f"{self.order} is for 16-bit values; a {self.type} takes e.g. ABCD"
+        if len(self.order) == 8 and self.type not in ("int64", "uint64", "float64"):
+            yield "order", f"{self.order} is for 64-bit values; a {self.type} takes e.g. ABCD"
+        if self.writable and self.table in ("discrete", "input"):
+            what = "discrete inputs" if self.table == "discrete" else "input registers"
+            yield "writable", f"{what} are read-only in Modbus"
+        if self.scale == 0:
+            yield "scale", "must not be 0"
+        if (self.type in ("bool", "string")) and (self.scale != 1.0 or self.offset != 0.0):
+            yield "scale", f"scale and offset apply to numbers, not to a {self.type}"
+        if self.deadband is not None and self.deadband < 0:
+            yield "deadband", "must be 0 or more"
+        if self.heartbeat is not None and self.heartbeat <= 0:
+            yield "heartbeat", "must be greater than 0"
+        if self.min is not None and self.max is not None and self.max < self.min:
+            yield "max", f"{self.max} is below min ({self.min})"
+
+
+@attrs.frozen
+class ModbusDeviceConfig:
+    name: Name
+    unit_id: int = 1
+    interval: Duration = Duration(1.0)
+    max_registers_per_read: int = MAX_READ_REGISTERS
+    max_bits_per_read: int = MAX_READ_BITS
+    max_gap: int = 0
+    """Unread registers (or bits) a single read may bridge to save a request."""
+    points: tuple[ModbusPointConfig, ...] = ()
+
+    def check(self, *, tcp: bool) -> Iterator[tuple[str, str]]:
+        low = 0 if tcp else 1
+        if not low <= self.unit_id <= 247 and not (tcp and self.unit_id == 255):
+            yield (
+                "unit_id",
+                (
+                    f"{self.unit_id} is outside {low}..247"
+                    + (" (or 255 for a TCP device that ignores it)" if tcp else "")
+                ),
+            )
+        if self.interval <= 0:
+            yield "interval", "must be greater than 0"
+        if not 1 <= self.max_registers_per_read <= MAX_READ_REGISTERS:
+            yield "max_registers_per_read", f"{self.max_registers_per_read} is outside 1..125"
+        if not 1 <= self.max_bits_per_read <= MAX_READ_BITS:
+            yield "max_bits_per_read", f"{self.max_bits_per_read} is outside 1..2000"
+        if self.max_gap < 0:
+            yield "max_gap", "must be 0 or more"
+        if not self.points:
+            yield "points", "a device needs at least one [[buses.devices.points]] table"
+        yield from duplicate_names("points", [p.name for p in self.points])
+        for i, point in enumerate(self.points):
+            for path, msg in point.check():
+                yield f"points[{i}].{path}", msg
+            if not point.is_bit_table and point.width > self.max_registers_per_read:
+                yield (
+                    f"points[{i}].length",
+                    (
+                        f"{point.name} needs {point.width} registers, more than "
+                        f"max_registers_per_read ({self.max_registers_per_read})"
+                    ),
+                )
+        yield from _overlapping_writes(self.points)
+
+
+def _overlapping_writes(points: tuple[ModbusPointConfig, ...]) -> Iterator[tuple[str, str]]:
+    """A writable point must not share a register with another point: a write to one would
+    silently change the other."""
+    for i, a in enumerate(points):
+        if not a.writable:
+            continue
+        for j, b in enumerate(points):
+            if i == j or a.table != b.table:
+                continue
+            if a.address < b.address + b.width and b.address < a.address + a.width:
+                if a.bit is not None and b.bit is not None and a.bit != b.bit:
+                    yield (
+                        f"points[{i}].bit",
+                        (
+                            f"{a.name} writes bit {a.bit} of register {a.address}, shared with "
+                            f"{b.name}: a bit write rewrites the whole register; use a coil or a "
+                            "separate register"
+                        ),
+                    )
+                else:
+                    yield (
+                        f"points[{i}].address",
+                        (
+                            f"writable {a.name} ({a.table} {a.address}..{a.address + a.width - 1}) "
+                            f"overlaps {b.name} ({b.table} {b.address}..{b.address + b.width - 1})"
+                        ),
+                    )
+                break
+
+
+@attrs.frozen
+class ModbusRtuBusConfig:
+    name: Name
+    port: str
+    kind: Literal["modbus-rtu"] = "modbus-rtu"
+    baudrate: int = 9600
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    rs485: bool = False
+    """Let the kernel drive RTS for the RS-485 transceiver (adapters that need it)."""
+    low_latency: bool = True
+    """Turn off the 16 ms receive buffering of FTDI USB adapters where supported."""
+    timeout: Duration = Duration(0.5)
+    """How long to wait for a response."""
+    frame_gap: Duration | None = None
+    """Silence between transactions; default t3.5 for the baud rate (1.75 ms above 19200)."""
+    retries: int = 1
+    """Retries after a CRC or framing error."""
+    backoff_initial: Duration = Duration(1.0)
+    backoff_max: Duration = Duration(60.0)
+    """Per-device backoff after a timeout, so a dead slave costs the bus little."""
+    devices: tuple[ModbusDeviceConfig, ...] = ()
+
+    def topics(self) -> Iterator[str]:
+        return _topics(self.name, self.devices)
+
+    def stall_after(self) -> float:
+        return _stall_after(self.devices, self.timeout, self.retries, self.backoff_max)
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.baudrate not in (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200):
+            yield "baudrate", f"{self.baudrate} is not a standard baud rate (e.g. 9600, 19200)"
+        if self.timeout <= 0:
+            yield "timeout", "must be greater than 0"
+        if self.retries < 0:
+            yield "retries", "must be 0 or more"
+        yield from _check_devices(self.devices, self.backoff_initial, self.backoff_max, tcp=False)
+
+    @property
+    def char_time(self) -> float:
+        bits = 1 + self.bytesize + (0 if self.parity == "N" else 1) + self.stopbits
+        return bits / self.baudrate
+
+    @property
+    def gap(self) -> float:
+        """t3.5 between frames (fixed 1.75 ms above 19200 baud), or the configured gap."""
+        if self.frame_gap is not None:
+            return self.frame_gap
+        return 0.00175 if self.baudrate > 19200 else 3.5 * self.char_time
+
+
+@attrs.frozen
+class ModbusTcpBusConfig:
+    name: Name
+    host: str
+    kind: Literal["modbus-tcp"] = "modbus-tcp"
+    port: int = 502
+    framing: Literal["mbap", "rtu"] = "mbap"
+    """``rtu`` for serial device servers that pass RTU frames over TCP unchanged."""
+    timeout: Duration = Duration(1.0)
+    connect_timeout: Duration = Duration(5.0)
+    pause_after_connect: Duration = Duration(0.0)
+    """Some devices drop requests sent right after the connection opens."""
+    retries: int = 0
+    backoff_initial: Duration = Duration(1.0)
+    backoff_max: Duration = Duration(60.0)
+    """Reconnect backoff, and per-device backoff after a timeout."""
+    devices: tuple[ModbusDeviceConfig, ...] = ()
+
+    def topics(self) -> Iterator[str]:
+        return _topics(self.name, self.devices)
+
+    def stall_after(self) -> float:
+        return _stall_after(
+            self.devices, self.timeout + self.connect_timeout, self.retries, self.backoff_max
+        )
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.host:
+            yield "host", "must not be empty"
+        if not 1 <= self.port <= 65535:
+            yield "port", f"{self.port} is outside 1..65535"
+        if self.timeout <= 0:
+            yield "timeout", "must be greater than 0"
+        if self.retries < 0:
+            yield "retries", "must be 0 or more"
+        yield from _check_devices(self.devices, self.backoff_initial, self.backoff_max, tcp=True)
+
+
+def _topics(bus: str, devices: tuple[ModbusDeviceConfig, ...]) -> Iterator[str]:
+    for d in devices:
+        for p in d.points:
+            yield f"{bus}/{d.name}/{p.name}"
+
+
+def _stall_after(
+    devices: tuple[ModbusDeviceConfig, ...], timeout: float, retries: int, backoff_max: float
+) -> float:
+    # A poll cycle of one device can take (requests x (retries+1) x timeout); devices in
+    # backoff still count as progress, so this is generous by design.
+    requests = sum(len(d.points) for d in devices) or 1
+    longest = max((d.interval for d in devices), default=1.0)
+    return 3 * longest + requests * (retries + 1) * timeout + backoff_max + 10.0
+
+
+def _check_devices(
+    devices: tuple[ModbusDeviceConfig, ...],
+    backoff_initial: float,
+    backoff_max: float,
+    *,
+    tcp: bool,
+) -> Iterator[tuple[str, str]]:
+    if backoff_initial <= 0:
+        yield "backoff_initial", "must be greater than 0"
+    if backoff_max < backoff_initial:
+        yield "backoff_max", "must not be below backoff_initial"
+    if not devices:
+        yield "devices", "a bus needs at least one [[buses.devices]] table"
+    yield from duplicate_names("devices", [d.name for d in devices])
+    for i, device in enumerate(devices):
+        for path, msg in device.check(tcp=tcp):
+            yield f"devices[{i}].{path}", msg
