@@ -13,6 +13,8 @@ import attrs
 
 from drivers import sim
 from drivers.base import Bus, BusContext
+from drivers.modbus.config import ModbusTcpBusConfig
+from drivers.modbus.tcp import modbus_tcp_bus
 
 
 @attrs.frozen
@@ -25,5 +27,8 @@ class DriverKind:
 
 KINDS: Mapping[str, DriverKind] = {
     k.kind: k
-    for k in (DriverKind("sim", sim.SimBusConfig, sim.SimBus, "simulated points (demo, tests)"),)
+    for k in (
+        DriverKind("sim", sim.SimBusConfig, sim.SimBus, "simulated points (demo, tests)"),
+        DriverKind("modbus-tcp", ModbusTcpBusConfig, modbus_tcp_bus, "Modbus TCP device"),
+    )
 }

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from drivers.registry import KINDS
+
 if TYPE_CHECKING:
     from conftest import Daemon, NotifySocket
 
@@ -75,7 +77,7 @@ def broken_config_errors(path: Path) -> list[str]:
         f"{path}: gateway.nmae: unknown key (did you mean 'name'?)",
         f"{path}: gateway.status_interval: '5 parsecs' is not a duration",
         f"{path}: buses[0].devices[0].points[0].signal: 'sinus' is not one of sine,",
-        f"{path}: buses[1].kind: 'modbsu' is not one of sim",
+        f"{path}: buses[1].kind: 'modbsu' is not one of {', '.join(KINDS)}",
     ]
 
 

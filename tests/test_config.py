@@ -123,12 +123,12 @@ def test_sim_bus_is_structured_by_kind() -> None:
         ),
         pytest.param(
             '[[buses]]\nname = "a"\nkind = "modbus"\n',
-            ("buses[0].kind", "'modbus' is not one of sim"),
+            ("buses[0].kind", f"'modbus' is not one of {', '.join(KINDS)}"),
             id="unknown-kind",
         ),
         pytest.param(
             '[[buses]]\nname = "a"\n',
-            ("buses[0].kind", "missing: every bus needs a kind, one of sim"),
+            ("buses[0].kind", f"missing: every bus needs a kind, one of {', '.join(KINDS)}"),
             id="missing-kind",
         ),
         pytest.param(

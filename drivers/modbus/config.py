@@ -194,33 +194,27 @@ class ModbusDeviceConfig:
 
 
 def _overlapping_writes(points: tuple[ModbusPointConfig, ...]) -> Iterator[tuple[str, str]]:
-    """A writable point must not share a register with another point: a write to one would
-    silently change the other."""
+    """A writable point must not share a register with another point (a write to one would
+    silently change the other), except other bits of the same register: a bit write reads the
+    register, changes its bit and writes it back."""
     for i, a in enumerate(points):
         if not a.writable:
             continue
-        for j, b in enumerate(points):
-            if i == j or a.table != b.table:
+        for b in points:
+            if b is a or a.table != b.table:
                 continue
-            if a.address < b.address + b.width and b.address < a.address + a.width:
-                if a.bit is not None and b.bit is not None and a.bit != b.bit:
-                    yield (
-                        f"points[{i}].bit",
-                        (
-                            f"{a.name} writes bit {a.bit} of register {a.address}, shared with "
-                            f"{b.name}: a bit write rewrites the whole register; use a coil or a "
-                            "separate register"
-                        ),
-                    )
-                else:
-                    yield (
-                        f"points[{i}].address",
-                        (
-                            f"writable {a.name} ({a.table} {a.address}..{a.address + a.width - 1}) "
-                            f"overlaps {b.name} ({b.table} {b.address}..{b.address + b.width - 1})"
-                        ),
-                    )
-                break
+            if not (a.address < b.address + b.width and b.address < a.address + a.width):
+                continue
+            if a.bit is not None and b.bit is not None and a.bit != b.bit:
+                continue
+            span_a = f"{a.address}..{a.address + a.width - 1}"
+            span_b = f"{b.address}..{b.address + b.width - 1}"
+            yield (
+                f"points[{i}].address",
+                f"writable {a.name} ({a.table} {span_a}) overlaps {b.name} ({b.table} {span_b}):"
+                " a write to one would change the other",
+            )
+            break
 
 
 @attrs.frozen

@@ -175,6 +175,8 @@ class Link:
                         raise Disconnected("connection closed by the device")
                     codec.receive_data(data)
             return response
+        except trio.TooSlowError:
+            raise TimeoutError(f"no response within {self.timeout:g}s") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._drop(f"{type(e).__name__}: {e}")
             raise Disconnected(str(e) or type(e).__name__) from e

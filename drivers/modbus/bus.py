@@ -1,0 +1,300 @@
+"""A Modbus bus: per-device poll schedules over one shared ``Link``; readings and writes.
+
+Each device has its own task with a drift-free schedule (next deadline = previous deadline +
+interval; missed ticks skipped and counted as overruns). A device that times out goes into
+its own backoff and is probed at that pace, so a dead slave costs the other devices at most
+one timeout per probe. The link's lock keeps one transaction at a time on the line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import trio
+
+from drivers.base import BusContext, WriteError
+from drivers.modbus import datatypes
+from drivers.modbus.codec import FrameError, ModbusExceptionResponse, Request, Response
+from drivers.modbus.config import ModbusDeviceConfig, ModbusPointConfig
+from drivers.modbus.link import Disconnected, Link
+from drivers.modbus.planner import PlannedRead, plan_device
+from gateway.logs import kv
+from gateway.reading import Quality, Reading, Value
+
+log = logging.getLogger("drivers.modbus")
+
+
+class DeviceStats:
+    def __init__(self) -> None:
+        self.polls = 0
+        self.requests = 0
+        self.responses = 0
+        self.timeouts = 0
+        self.crc_errors = 0
+        self.exceptions = 0
+        self.disconnected = 0
+        self.overruns = 0
+        self.last_error: str | None = None
+        self.last_success: float | None = None
+        self.latency_last = 0.0
+        self.latency_max = 0.0
+        self.latency_total = 0.0
+        self.writes = 0
+        self.write_errors = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "polls": self.polls,
+            "requests": self.requests,
+            "responses": self.responses,
+            "timeouts": self.timeouts,
+            "crc_errors": self.crc_errors,
+            "exceptions": self.exceptions,
+            "disconnected": self.disconnected,
+            "overruns": self.overruns,
+            "last_error": self.last_error,
+            "last_success": self.last_success,
+            "latency_last_ms": round(self.latency_last * 1000, 3),
+            "latency_max_ms": round(self.latency_max * 1000, 3),
+            "latency_avg_ms": round(self.latency_total / self.responses * 1000, 3)
+            if self.responses
+            else None,
+            "writes": self.writes,
+            "write_errors": self.write_errors,
+        }
+
+
+class Device:
+    """Poll state of one slave: its plan, filters, stats and backoff."""
+
+    def __init__(self, bus: str, config: ModbusDeviceConfig) -> None:
+        self.config = config
+        self.plan: tuple[PlannedRead, ...] = plan_device(config)
+        self.topics = {p.name: f"{bus}/{config.name}/{p.name}" for p in config.points}
+        self.filters = {p.name: datatypes.ReportFilter(p) for p in config.points}
+        self.points: dict[str, ModbusPointConfig] = {p.name: p for p in config.points}
+        self.stats = DeviceStats()
+        self.failures = 0  # consecutive timeouts
+        self.backoff_until = 0.0
+
+
+class ModbusBus:
+    """Shared by the RTU and TCP buses; they differ only in the ``Link`` they build."""
+
+    def __init__(
+        self,
+        name: str,
+        devices: tuple[ModbusDeviceConfig, ...],
+        context: BusContext,
+        link: Link,
+        *,
+        backoff_initial: float,
+        backoff_max: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.context = context
+        self.link = link
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.devices: dict[str, Device] = {d.name: Device(name, d) for d in devices}
+        self._wall_clock = wall_clock
+        self._rng = random.Random()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.link.run)
+            for device in self.devices.values():
+                nursery.start_soon(self._poll_device, device)
+            task_status.started()
+
+    # ---- polling --------------------------------------------------------------------------
+
+    async def _poll_device(self, device: Device) -> None:
+        interval = device.config.interval
+        deadline = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if now >= device.backoff_until:
+                await self._poll_once(device)
+            self.context.progress()
+            deadline += interval
+            now = trio.current_time()
+            if now > deadline:  # a slow cycle: skip the missed ticks, never bunch them up
+                missed = math.floor((now - deadline) / interval) + 1
+                device.stats.overruns += missed
+                deadline += missed * interval
+            await trio.sleep_until(max(deadline, device.backoff_until))
+            if device.backoff_until > deadline:
+                deadline = device.backoff_until
+
+    async def _poll_once(self, device: Device) -> None:
+        stats = device.stats
+        stats.polls += 1
+        unit = device.config.unit_id
+        for read in device.plan:
+            request = Request.read(read.table, unit, read.address, read.count)
+            try:
+                response = await self._transact(device, request)
+            except TimeoutError:
+                stats.timeouts += 1
+                self._device_failed(device, "timeout")
+                self._publish_bad(device, device.config.points, "timeout")
+                return  # the rest of this cycle would time out too
+            except Disconnected:
+                stats.disconnected += 1
+                stats.last_error = "disconnected"
+                self._publish_bad(device, device.config.points, "disconnected")
+                return
+            except ModbusExceptionResponse as e:
+                stats.exceptions += 1
+                stats.last_error = e.reason
+                self._publish_bad(device, [p.point for p in read.points], e.reason)
+                continue
+            except FrameError as e:
+                stats.crc_errors += 1
+                stats.last_error = f"crc: {e}"
+                self._publish_bad(device, [p.point for p in read.points], "crc")
+                continue
+            self._device_ok(device)
+            self._publish_read(device, read, response)
+
+    async def _transact(self, device: Device, request: Request) -> Response:
+        stats = device.stats
+        stats.requests += 1
+        started = trio.current_time()
+        response = await self.link.transact(request)
+        latency = trio.current_time() - started
+        stats.responses += 1
+        stats.latency_last = latency
+        stats.latency_max = max(stats.latency_max, latency)
+        stats.latency_total += latency
+        return response
+
+    def _device_failed(self, device: Device, reason: str) -> None:
+        device.failures += 1
+        device.stats.last_error = reason
+        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** (device.failures - 1))
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        device.backoff_until = trio.current_time() + delay
+        if device.failures == 1:
+            log.warning(
+                "%s/%s not answering (%s): probing with backoff",
+                self.name,
+                device.config.name,
+                reason,
+                extra=kv(bus=self.name, device=device.config.name, unit=device.config.unit_id),
+            )
+
+    def _device_ok(self, device: Device) -> None:
+        if device.failures:
+            log.info(
+                "%s/%s answering again",
+                self.name,
+                device.config.name,
+                extra=kv(bus=self.name, device=device.config.name),
+            )
+        device.failures = 0
+        device.backoff_until = 0.0
+        device.stats.last_success = self._wall_clock()
+
+    def _publish_read(self, device: Device, read: PlannedRead, response: Response) -> None:
+        now = self._wall_clock()
+        for placed in read.points:
+            point = placed.point
+            if point.is_bit_table:
+                value: Value = datatypes.decode_bit(point, response.bits[placed.index])
+            else:
+                regs = response.registers[placed.index : placed.index + point.width]
+                value = datatypes.decode(point, regs)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._emit(device, point, None, now, f"not a number ({value})")
+            else:
+                self._emit(device, point, value, now, None)
+
+    def _publish_bad(
+        self, device: Device, points: Iterable[ModbusPointConfig], reason: str
+    ) -> None:
+        now = self._wall_clock()
+        for point in points:
+            self._emit(device, point, None, now, reason)
+
+    def _emit(
+        self,
+        device: Device,
+        point: ModbusPointConfig,
+        value: Value,
+        now: float,
+        reason: str | None,
+    ) -> None:
+        good = reason is None
+        if not device.filters[point.name].should_report(value, good, now, reason):
+            return
+        self.context.publish(
+            Reading(
+                device.topics[point.name],
+                value,
+                unit=point.unit,
+                quality=Quality.GOOD if good else Quality.BAD,
+                reason=reason,
+                timestamp=now,
+            )
+        )
+
+    # ---- writes ---------------------------------------------------------------------------
+
+    async def write(self, target: str, value: Value) -> None:
+        """Write ``value`` to ``device/point``; raises ``WriteError`` saying why not."""
+        device_name, _, point_name = target.partition("/")
+        device = self.devices.get(device_name)
+        point = device.points.get(point_name) if device else None
+        if device is None or point is None:
+            raise WriteError(f"bus {self.name!r} has no point {target!r}")
+        unit = device.config.unit_id
+        where = f"{self.name}/{target}"
+        device.stats.writes += 1
+        try:
+            if point.table == "coil":
+                request = Request.write_coils(
+                    unit, point.address, [datatypes.encode_bit(point, value)]
+                )
+            elif point.bit is not None:
+                bit = datatypes.encode_bit(point, value)
+                current = await self._transact(
+                    device, Request.read("holding", unit, point.address, 1)
+                )
+                register = datatypes.set_bit(current.registers[0], point.bit, bit)
+                request = Request.write_registers(unit, point.address, [register])
+            else:
+                request = Request.write_registers(
+                    unit, point.address, datatypes.encode(point, value)
+                )
+            await self._transact(device, request)
+        except WriteError as e:
+            device.stats.write_errors += 1
+            raise WriteError(f"{where}: {e}") from None
+        except TimeoutError:
+            device.stats.write_errors += 1
+            raise WriteError(f"{where}: no response within {self.link.timeout:g}s") from None
+        except Disconnected as e:
+            device.stats.write_errors += 1
+            raise WriteError(f"{where}: bus disconnected ({e})") from None
+        except ModbusExceptionResponse as e:
+            device.stats.write_errors += 1
+            raise WriteError(f"{where}: device refused the write: {e.reason}") from None
+        except FrameError as e:
+            device.stats.write_errors += 1
+            raise WriteError(
+                f"{where}: corrupted response ({e}); the write may or may not have happened"
+            ) from None
+        log.info("wrote %s = %r", where, value, extra=kv(bus=self.name, device=device_name))
+
+    def statistics(self) -> Mapping[str, object]:
+        return {
+            "link": self.link.statistics(),
+            "devices": {name: d.stats.as_dict() for name, d in self.devices.items()},
+        }

@@ -1,0 +1,240 @@
+"""Modbus TCP against pymodbus's server: every type, writes, exceptions, reconnects."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import trio
+
+from drivers.base import WriteError
+from drivers.modbus.bus import ModbusBus
+from drivers.modbus.config import ModbusTcpBusConfig
+from drivers.modbus.tcp import modbus_tcp_bus
+from gateway.config import parse_config
+from gateway.reading import Quality
+from tests.modbus_peer import ModbusPeer, device
+from tests.readings import Recorder
+
+# Known register images (wire order), independent of our encoder.
+HOLDING = {
+    0: [0x42F6, 0xE979],  # float32 123.456 ABCD
+    2: [0xE979, 0x42F6],  # float32 123.456 CDAB
+    4: [0xF642, 0x79E9],  # float32 123.456 BADC
+    6: [0x79E9, 0xF642],  # float32 123.456 DCBA
+    8: [0xFFFF, 0xFFFE],  # int32 -2
+    10: [0xDEAD, 0xBEEF],  # uint32 3735928559
+    12: [0x0000, 0x0000, 0x0001, 0x0000],  # uint64 65536
+    16: [0x405E, 0xDD2F, 0x1A9F, 0xBE77],  # float64 123.456
+    20: [0xFFFF],  # int16 -1
+    21: [0x0929],  # uint16 2345 (scale 0.1 -> 234.5)
+    22: [0x4845, 0x4C4C, 0x4F00],  # "HELLO"
+    25: [0b0000_0000_0010_0100],  # bits 2 and 5 set
+    26: [0x0000],  # a writable setpoint
+    27: [0x0000, 0x0000],  # a writable float32
+}
+POINTS = """
+points = [
+  { name = "f32_abcd", table = "holding", address = 0, type = "float32", order = "ABCD" },
+  { name = "f32_cdab", table = "holding", address = 2, type = "float32", order = "CDAB" },
+  { name = "f32_badc", table = "holding", address = 4, type = "float32", order = "BADC" },
+  { name = "f32_dcba", table = "holding", address = 6, type = "float32", order = "DCBA" },
+  { name = "i32", table = "holding", address = 8, type = "int32" },
+  { name = "u32", table = "holding", address = 10, type = "uint32" },
+  { name = "u64", table = "holding", address = 12, type = "uint64" },
+  { name = "f64", table = "holding", address = 16, type = "float64" },
+  { name = "i16", table = "holding", address = 20, type = "int16" },
+  { name = "scaled", table = "holding", address = 21, type = "uint16", scale = 0.1, unit = "V" },
+  { name = "text", table = "holding", address = 22, type = "string", length = 3 },
+  { name = "bit2", table = "holding", address = 25, type = "bool", bit = 2 },
+  { name = "bit3", table = "holding", address = 25, type = "bool", bit = 3, writable = true },
+  { name = "setpoint", table = "holding", address = 26, type = "int16", scale = 0.5, writable = true, min = -100, max = 100 },
+  { name = "f32_w", table = "holding", address = 27, type = "float32", writable = true },
+  { name = "in", table = "input", address = 5, type = "uint16" },
+  { name = "coil0", table = "coil", address = 0, type = "bool", writable = true },
+  { name = "coil1", table = "coil", address = 1, type = "bool" },
+  { name = "di3", table = "discrete", address = 3, type = "bool" },
+  { name = "missing", table = "holding", address = 500, type = "uint16" },
+]
+"""
+EXPECTED = {
+    "f32_abcd": 123.456,
+    "f32_cdab": 123.456,
+    "f32_badc": 123.456,
+    "f32_dcba": 123.456,
+    "i32": -2,
+    "u32": 3735928559,
+    "u64": 65536,
+    "f64": 123.456,
+    "i16": -1,
+    "scaled": 234.5,
+    "text": "HELLO",
+    "bit2": True,
+    "bit3": False,
+    "setpoint": 0.0,
+    "in": 77,
+    "coil0": False,
+    "coil1": True,
+    "di3": True,
+}
+
+
+def holding_image() -> list[int]:
+    regs = [0] * 200
+    for address, values in HOLDING.items():
+        regs[address : address + len(values)] = values
+    return regs
+
+
+@pytest.fixture
+def peer() -> Iterator[ModbusPeer]:
+    dev = device(
+        1,
+        holding=holding_image(),
+        input=[0, 0, 0, 0, 0, 77],
+        coils=[False, True],
+        discrete=[False, False, False, True],
+    )
+    p = ModbusPeer([dev]).start()
+    yield p
+    p.stop()
+
+
+def bus_config(port: int, extra: str = "", devices: str = "") -> ModbusTcpBusConfig:
+    text = f"""
+[[buses]]
+name = "plc"
+kind = "modbus-tcp"
+host = "127.0.0.1"
+port = {port}
+timeout = "300ms"
+backoff_initial = "100ms"
+backoff_max = "200ms"
+{extra}
+[[buses.devices]]
+name = "d1"
+unit_id = 1
+interval = "50ms"
+max_gap = 10
+{POINTS}
+{devices}
+"""
+    config = parse_config(text).buses[0]
+    assert isinstance(config, ModbusTcpBusConfig)
+    return config
+
+
+@pytest.fixture
+async def running(peer: ModbusPeer) -> AsyncIterator[tuple[ModbusBus, Recorder]]:
+    recorder = Recorder()
+    bus = modbus_tcp_bus(bus_config(peer.port), recorder.context())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        yield bus, recorder
+        nursery.cancel_scope.cancel()
+
+
+def good(value: object) -> object:
+    return value
+
+
+async def test_every_type_reads_correctly(running: tuple[ModbusBus, Recorder]) -> None:
+    bus, rec = running
+    await rec.wait_for(lambda r: all(r.latest(f"plc/d1/{n}") for n in EXPECTED))
+    for name, expected in EXPECTED.items():
+        reading = rec.latest(f"plc/d1/{name}")
+        assert reading is not None
+        assert reading.quality is Quality.GOOD, (name, reading.reason)
+        if isinstance(expected, float):
+            assert reading.value == pytest.approx(expected, rel=1e-6), name
+        else:
+            assert reading.value == expected, name
+            assert type(reading.value) is type(expected), name
+    assert rec.latest("plc/d1/scaled").unit == "V"  # type: ignore[union-attr]
+    # The planner coalesced the holding points into one read; stats say so.
+    stats = bus.statistics()["devices"]["d1"]  # type: ignore[index]
+    assert stats["exceptions"] >= 1  # the "missing" point's own read
+
+
+async def test_exception_response_is_a_bad_quality_not_a_crash(
+    running: tuple[ModbusBus, Recorder],
+) -> None:
+    _, rec = running
+    reading = await rec.wait_latest("plc/d1/missing", lambda r: True)
+    assert reading.quality is Quality.BAD
+    assert reading.reason == "exception 02 illegal address"
+    # The other points of the device are unaffected.
+    assert rec.latest("plc/d1/i32").quality is Quality.GOOD  # type: ignore[union-attr]
+
+
+async def test_writes_land_in_the_servers_datastore(
+    running: tuple[ModbusBus, Recorder], peer: ModbusPeer
+) -> None:
+    bus, rec = running
+    await rec.wait_for(lambda r: r.latest("plc/d1/coil0") is not None)
+    await bus.write("d1/setpoint", -12.5)  # raw -25 (scale 0.5)
+    await bus.write("d1/f32_w", 123.456)
+    await bus.write("d1/coil0", True)
+    await bus.write("d1/bit3", True)  # read-modify-write keeps bits 2 and 5
+    store = await trio.to_thread.run_sync(peer.get, 1, 3, 25, 4)
+    assert store == [0b0010_1100, 0xFFE7, 0x42F6, 0xE979]
+    assert await trio.to_thread.run_sync(peer.get, 1, 1, 0, 1) == [True]
+    # And the bus reads back what it wrote.
+    await rec.wait_latest("plc/d1/setpoint", lambda r: r.value == -12.5)
+    await rec.wait_latest("plc/d1/coil0", lambda r: r.value is True)
+
+
+@pytest.mark.parametrize(
+    ("target", "value", "message"),
+    [
+        ("d1/i32", 5, "plc/d1/i32: i32 is read-only"),
+        ("d1/setpoint", 500, r"500 is above max \(100\)"),
+        ("d1/setpoint", "high", "setpoint"),
+        ("d1/nope", 1, "bus 'plc' has no point 'd1/nope'"),
+    ],
+)
+async def test_bad_writes_are_refused_with_a_reason(
+    running: tuple[ModbusBus, Recorder], peer: ModbusPeer, target: str, value: object, message: str
+) -> None:
+    bus, _ = running
+    with pytest.raises(WriteError, match=message):
+        await bus.write(target, value)  # type: ignore[arg-type]
+    assert await trio.to_thread.run_sync(peer.get, 1, 3, 26, 1) == [0]
+
+
+async def test_server_restart_reconnects_without_restarting_the_bus(
+    running: tuple[ModbusBus, Recorder], peer: ModbusPeer
+) -> None:
+    bus, rec = running
+    await rec.wait_latest("plc/d1/i32", lambda r: r.good)
+    await trio.to_thread.run_sync(peer.stop)
+    bad = await rec.wait_latest("plc/d1/i32", lambda r: not r.good)
+    assert bad.reason in ("disconnected", "timeout")
+    await trio.to_thread.run_sync(peer.start)
+    await rec.wait_latest("plc/d1/i32", lambda r: r.good and r.value == -2)
+    assert bus.link.reconnects >= 1
+
+
+async def test_dead_unit_does_not_stall_the_live_one(peer: ModbusPeer) -> None:
+    # Unit 9 gets no answer: every request to it times out.
+    peer.silent_units.add(9)
+    dead = """
+[[buses.devices]]
+name = "dead"
+unit_id = 9
+interval = "50ms"
+points = [{ name = "x", table = "holding", address = 0 }]
+"""
+    rec = Recorder()
+    bus = modbus_tcp_bus(bus_config(peer.port, devices=dead), rec.context())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        await rec.wait_latest("plc/dead/x", lambda r: r.reason == "timeout")
+        before = len(rec.values("plc/d1/i32"))
+        await rec.wait_for(lambda r: len(r.values("plc/d1/i32")) >= before + 10)
+        nursery.cancel_scope.cancel()
+    stats = bus.statistics()["devices"]  # type: ignore[index]
+    assert stats["dead"]["timeouts"] >= 1
+    assert stats["d1"]["timeouts"] == 0
+    assert not math.isnan(stats["d1"]["latency_avg_ms"])
