@@ -13,7 +13,8 @@ import attrs
 
 from drivers import sim
 from drivers.base import Bus, BusContext
-from drivers.modbus.config import ModbusTcpBusConfig
+from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
+from drivers.modbus.rtu import modbus_rtu_bus
 from drivers.modbus.tcp import modbus_tcp_bus
 
 
@@ -29,6 +30,7 @@ KINDS: Mapping[str, DriverKind] = {
     k.kind: k
     for k in (
         DriverKind("sim", sim.SimBusConfig, sim.SimBus, "simulated points (demo, tests)"),
+        DriverKind("modbus-rtu", ModbusRtuBusConfig, modbus_rtu_bus, "Modbus RTU serial line"),
         DriverKind("modbus-tcp", ModbusTcpBusConfig, modbus_tcp_bus, "Modbus TCP device"),
     )
 }

@@ -28,7 +28,7 @@ class Disconnected(Exception):
 class Stream(Protocol):
     async def send_all(self, data: bytes) -> None: ...
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
+    async def receive_some(self, max_bytes: int, /) -> bytes: ...
 
     async def aclose(self) -> None: ...
 
@@ -163,10 +163,10 @@ class Link:
             raise Disconnected(self.last_error or "not connected")
         if self.gap:
             await trio.sleep_until(self._last_end + self.gap)
-        if self._discard_input is not None:
-            self._discard_input(stream)
         codec = self._codec
         try:
+            if self._discard_input is not None:
+                self._discard_input(stream)
             await stream.send_all(codec.encode(request))
             with trio.fail_after(self.timeout):
                 while (response := codec.response()) is None:
