@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
+from pymodbus.framer import FramerType
 
 from drivers.base import WriteError
 from drivers.modbus.bus import ModbusBus
@@ -238,3 +239,21 @@ points = [{ name = "x", table = "holding", address = 0 }]
     assert stats["dead"]["timeouts"] >= 1
     assert stats["d1"]["timeouts"] == 0
     assert not math.isnan(stats["d1"]["latency_avg_ms"])
+
+
+async def test_rtu_framing_over_tcp_for_serial_device_servers() -> None:
+    peer = ModbusPeer([device(1, holding=holding_image())], framer=FramerType.RTU)
+    await trio.to_thread.run_sync(peer.start)
+    try:
+        rec = Recorder()
+        config = bus_config(peer.port, extra='framing = "rtu"')
+        bus = modbus_tcp_bus(config, rec.context())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            reading = await rec.wait_latest("plc/d1/f32_cdab", lambda r: r.good)
+            assert reading.value == pytest.approx(123.456, rel=1e-6)
+            await bus.write("d1/setpoint", 50)
+            nursery.cancel_scope.cancel()
+        assert await trio.to_thread.run_sync(peer.get, 1, 3, 26, 1) == [100]
+    finally:
+        await trio.to_thread.run_sync(peer.stop)

@@ -1,0 +1,146 @@
+"""The sans-IO codec: frames built by pymodbus, responses parsed by expected length + CRC
+(RTU) or by transaction id (MBAP), without sockets or clocks."""
+
+from __future__ import annotations
+
+import pytest
+from pymodbus.framer import FramerRTU, FramerSocket
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse
+from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+
+from drivers.modbus.codec import (
+    FrameError,
+    MbapCodec,
+    ModbusExceptionResponse,
+    Request,
+    Response,
+    RtuCodec,
+)
+
+# A server-side framer of pymodbus's builds the responses: an independent encoder.
+RTU_SERVER = FramerRTU(DecodePDU(is_server=True))
+TCP_SERVER = FramerSocket(DecodePDU(is_server=True))
+
+
+def rtu(pdu: ModbusPDU) -> bytes:
+    frame: bytes = RTU_SERVER.buildFrame(pdu)
+    return frame
+
+
+def mbap(pdu: ModbusPDU) -> bytes:
+    frame: bytes = TCP_SERVER.buildFrame(pdu)
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("request_", "wire"),
+    [
+        (Request.read("holding", 1, 0, 10), "01030000000ac5cd"),
+        (Request.read("coil", 1, 0, 10), "01010000000abc0d"),
+        (Request.write_coils(1, 3, [True]), "01050003ff007c3a"),
+        (Request.write_registers(1, 5, [7]), "010600050007d809"),
+        (Request.write_registers(1, 5, [7, 8]), "01100005000204000700088397"),
+    ],
+)
+def test_rtu_requests_on_the_wire(request_: Request, wire: str) -> None:
+    assert RtuCodec().encode(request_).hex() == wire
+
+
+def test_rtu_response_framed_by_length_across_chunks() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 3))
+    frame = rtu(ReadHoldingRegistersResponse(registers=[1, 2, 3], dev_id=1))
+    for byte in frame[:-1]:
+        codec.receive_data(bytes([byte]))
+        assert codec.response() is None  # incomplete: wait for more
+    codec.receive_data(frame[-1:] + b"\x00\x00")  # plus trailing noise
+    assert codec.response() == Response(registers=(1, 2, 3))
+    assert codec.pending == 2
+
+
+def test_rtu_crc_error() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 2))
+    frame = bytearray(rtu(ReadHoldingRegistersResponse(registers=[1, 2], dev_id=1)))
+    frame[4] ^= 0x01
+    codec.receive_data(bytes(frame))
+    with pytest.raises(FrameError, match="CRC mismatch"):
+        codec.response()
+
+
+def test_rtu_answer_from_another_unit() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 2, 0, 1))
+    codec.receive_data(rtu(ReadHoldingRegistersResponse(registers=[1], dev_id=1)))
+    with pytest.raises(FrameError, match="from unit 1, expected 2"):
+        codec.response()
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (1, "exception 01 illegal function"),
+        (2, "exception 02 illegal address"),
+        (3, "exception 03 illegal value"),
+        (4, "exception 04 device failure"),
+        (0x0A, "exception 0A gateway path unavailable"),
+        (0x0B, "exception 0B gateway target failed to respond"),
+    ],
+)
+def test_exception_responses(code: int, reason: str) -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 2))
+    codec.receive_data(rtu(ExceptionResponse(3, code, device_id=1)))
+    with pytest.raises(ModbusExceptionResponse) as info:
+        codec.response()
+    assert info.value.reason == reason
+
+
+def test_rtu_coils_are_trimmed_to_the_count() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("coil", 1, 0, 3))
+    codec.receive_data(rtu(ReadCoilsResponse(bits=[True, False, True] + [False] * 5, dev_id=1)))
+    assert codec.response() == Response(bits=(True, False, True))
+
+
+def test_rtu_wrong_register_count_is_a_frame_error() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 3))
+    codec.receive_data(rtu(ReadHoldingRegistersResponse(registers=[1, 2], dev_id=1)))
+    with pytest.raises(FrameError, match="2 registers in the response, expected 3"):
+        codec.response()
+
+
+def test_mbap_skips_a_stale_response_to_an_earlier_request() -> None:
+    codec = MbapCodec()
+    first = codec.encode(Request.read("holding", 1, 0, 1))
+    # The first request timed out; the second goes out before its answer arrives.
+    second = codec.encode(Request.read("holding", 1, 0, 1))
+    tid1 = int.from_bytes(first[:2], "big")
+    tid2 = int.from_bytes(second[:2], "big")
+    assert tid2 == tid1 + 1
+    late = mbap(ReadHoldingRegistersResponse(registers=[111], dev_id=1, transaction_id=tid1))
+    current = mbap(ReadHoldingRegistersResponse(registers=[222], dev_id=1, transaction_id=tid2))
+    codec.receive_data(late)
+    assert codec.response() is None  # the stale answer is not taken for the current one
+    assert codec.stale == 1
+    codec.receive_data(current[:5])
+    assert codec.response() is None
+    codec.receive_data(current[5:])
+    assert codec.response() == Response(registers=(222,))
+
+
+def test_mbap_transaction_ids_wrap_and_skip_zero() -> None:
+    codec = MbapCodec()
+    codec._tid = 0xFFFF
+    frame = codec.encode(Request.read("holding", 1, 0, 1))
+    assert frame[:2] == b"\x00\x01"
+
+
+def test_mbap_garbage_is_a_frame_error() -> None:
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(b"HTTP/1.1 400 Bad Request\r\n")
+    with pytest.raises(FrameError, match="not Modbus TCP"):
+        codec.response()
