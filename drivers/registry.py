@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from drivers import sim
+from drivers import lines, sim
 from drivers.base import Bus, BusContext
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.rtu import modbus_rtu_bus
@@ -32,5 +32,11 @@ KINDS: Mapping[str, DriverKind] = {
         DriverKind("sim", sim.SimBusConfig, sim.SimBus, "simulated points (demo, tests)"),
         DriverKind("modbus-rtu", ModbusRtuBusConfig, modbus_rtu_bus, "Modbus RTU serial line"),
         DriverKind("modbus-tcp", ModbusTcpBusConfig, modbus_tcp_bus, "Modbus TCP device"),
+        DriverKind(
+            "serial-line",
+            lines.SerialLineBusConfig,
+            lines.SerialLineBus,
+            "line/NMEA sensors on a serial port",
+        ),
     )
 }
