@@ -43,7 +43,7 @@ import attrs
 import trio
 
 from drivers.base import BusContext, WriteError
-from drivers.serialio import PortError, PortSettings, SerialPort
+from drivers.serialio import PortError, SerialPort, SerialPortConfig
 from gateway.configtypes import Duration, Name, duplicate_names
 from gateway.logs import kv
 from gateway.reading import Reading, Value
@@ -54,7 +54,6 @@ LineFormat = Literal["regex", "nmea"]
 PointType = Literal["float", "int", "str", "bool"]
 
 TERMINATORS = ("\r\n", "\n", "\r")
-BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400)
 MAX_LINE_LENGTH = 65536
 SILENCE_INTERVALS = 3
 """Without a valid line for this many intervals, the points read bad ``timeout``."""
@@ -89,17 +88,9 @@ class LinePointConfig:
 
 
 @attrs.frozen
-class SerialLineBusConfig:
+class SerialLineBusConfig(SerialPortConfig):
     name: Name
-    port: str
-    """The device path; prefer the stable /dev/serial/by-id/... names."""
     kind: Literal["serial-line"] = "serial-line"
-    baudrate: int = 9600
-    bytesize: Literal[7, 8] = 8
-    parity: Literal["N", "E", "O"] = "N"
-    stopbits: Literal[1, 2] = 1
-    rs485: bool = False
-    low_latency: bool = True
     device: Name = Name("sensor")
     """The middle level of the topics: ``bus/device/point``."""
     format: LineFormat = "regex"
@@ -129,22 +120,8 @@ class SerialLineBusConfig:
         # The bus feeds progress every interval, connected or not; only a wedged task stalls.
         return 3 * self.interval + 10.0
 
-    def port_settings(self) -> PortSettings:
-        return PortSettings(
-            path=self.port,
-            baudrate=self.baudrate,
-            bytesize=self.bytesize,
-            parity=self.parity,
-            stopbits=self.stopbits,
-            rs485=self.rs485,
-            low_latency=self.low_latency,
-        )
-
     def check(self) -> Iterator[tuple[str, str]]:
-        if not self.port:
-            yield "port", "must not be empty: e.g. /dev/ttyUSB0 or /dev/serial/by-id/..."
-        if self.baudrate not in BAUDRATES:
-            yield "baudrate", f"{self.baudrate} is not a standard baud rate (e.g. 4800, 9600)"
+        yield from self.check_port()
         if self.terminator not in TERMINATORS:
             yield "terminator", f'{self.terminator!r} is not one of "\\r\\n", "\\n", "\\r"'
         encoding_ok = False

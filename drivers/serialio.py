@@ -82,6 +82,42 @@ class PortSettings:
     """Ask the driver to deliver bytes at once (FTDI buffers 16 ms by default)."""
 
 
+BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400)
+
+
+@attrs.frozen(kw_only=True)
+class SerialPortConfig:
+    """The serial-port keys shared by every serial bus kind's config class (a base class)."""
+
+    port: str
+    """The device path; prefer the stable /dev/serial/by-id/... names."""
+    baudrate: int = 9600
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    rs485: bool = False
+    """Let the kernel drive RTS for the RS-485 transceiver (adapters that need it)."""
+    low_latency: bool = True
+    """Turn off the 16 ms receive buffering of FTDI USB adapters where supported."""
+
+    def port_settings(self) -> PortSettings:
+        return PortSettings(
+            path=self.port,
+            baudrate=self.baudrate,
+            bytesize=self.bytesize,
+            parity=self.parity,
+            stopbits=self.stopbits,
+            rs485=self.rs485,
+            low_latency=self.low_latency,
+        )
+
+    def check_port(self) -> Iterator[tuple[str, str]]:
+        if not self.port:
+            yield "port", "must not be empty: e.g. /dev/ttyUSB0 or /dev/serial/by-id/..."
+        if self.baudrate not in BAUDRATES:
+            yield "baudrate", f"{self.baudrate} is not a standard baud rate (e.g. 9600, 19200)"
+
+
 def _open_blocking(settings: PortSettings) -> Any:
     """Open and set up a port; runs in a worker thread (see ``SerialPort.open``)."""
     path = settings.path

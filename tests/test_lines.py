@@ -193,7 +193,7 @@ def test_nmea_sentences_match_across_talkers() -> None:
 def test_missing_checksum_accepted_until_the_device_has_sent_one() -> None:
     config = SerialLineBusConfig(
         Name("gps"),
-        "/dev/null",
+        port="/dev/null",
         format="nmea",
         points=(point("fix", sentence="GGA", field=6, type="int"),),
     )
@@ -384,7 +384,7 @@ def make_bus(path: Path, **kw: object) -> tuple[SerialLineBus, Sink]:
         "points": (point("temperature", unit="degC"), point("humidity", unit="%")),
     }
     values.update(kw)
-    config = SerialLineBusConfig(Name("wx"), str(path), **values)  # type: ignore[arg-type]
+    config = SerialLineBusConfig(Name("wx"), port=str(path), **values)  # type: ignore[arg-type]
     assert list(config.check()) == []
     sink = Sink()
     return SerialLineBus(config, sink.context()), sink

@@ -11,6 +11,7 @@ from typing import Literal
 
 import attrs
 
+from drivers.serialio import SerialPortConfig
 from gateway.configtypes import Duration, Name, duplicate_names
 
 Table = Literal["coil", "discrete", "holding", "input"]
@@ -218,18 +219,9 @@ def _overlapping_writes(points: tuple[ModbusPointConfig, ...]) -> Iterator[tuple
 
 
 @attrs.frozen
-class ModbusRtuBusConfig:
+class ModbusRtuBusConfig(SerialPortConfig):
     name: Name
-    port: str
     kind: Literal["modbus-rtu"] = "modbus-rtu"
-    baudrate: int = 9600
-    bytesize: Literal[7, 8] = 8
-    parity: Literal["N", "E", "O"] = "N"
-    stopbits: Literal[1, 2] = 1
-    rs485: bool = False
-    """Let the kernel drive RTS for the RS-485 transceiver (adapters that need it)."""
-    low_latency: bool = True
-    """Turn off the 16 ms receive buffering of FTDI USB adapters where supported."""
     timeout: Duration = Duration(0.5)
     """How long to wait for a response."""
     frame_gap: Duration | None = None
@@ -248,8 +240,7 @@ class ModbusRtuBusConfig:
         return _stall_after(self.devices, self.timeout, self.retries, self.backoff_max)
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if self.baudrate not in (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200):
-            yield "baudrate", f"{self.baudrate} is not a standard baud rate (e.g. 9600, 19200)"
+        yield from self.check_port()
         if self.timeout <= 0:
             yield "timeout", "must be greater than 0"
         if self.retries < 0:

@@ -12,19 +12,7 @@ from drivers.modbus.bus import ModbusBus
 from drivers.modbus.codec import RtuCodec
 from drivers.modbus.config import ModbusRtuBusConfig
 from drivers.modbus.link import Link, Stream
-from drivers.serialio import PortSettings, SerialPort
-
-
-def port_settings(config: ModbusRtuBusConfig) -> PortSettings:
-    return PortSettings(
-        path=config.port,
-        baudrate=config.baudrate,
-        bytesize=config.bytesize,
-        parity=config.parity,
-        stopbits=config.stopbits,
-        rs485=config.rs485,
-        low_latency=config.low_latency,
-    )
+from drivers.serialio import SerialPort
 
 
 def _discard_input(stream: Stream) -> None:
@@ -33,7 +21,7 @@ def _discard_input(stream: Stream) -> None:
 
 
 def modbus_rtu_bus(config: ModbusRtuBusConfig, context: BusContext) -> ModbusBus:
-    settings = port_settings(config)
+    settings = config.port_settings()
 
     async def open_stream() -> Stream:
         return await SerialPort.open(settings)
