@@ -127,7 +127,7 @@ class ModbusPointConfig:
                 yield "length", f"{self.length} is outside 1..{MAX_READ_REGISTERS}"
         elif self.length is not None:
             yield "length", 'length is only for type = "string"'
-        if self.address + max(self.width, 1) - 1 > 65535:
+        if 0 <= self.address <= 65535 < self.address + max(self.width, 1) - 1:
             yield "address", f"{self.name} runs past address 65535"
         if len(self.order) == 2 and self.type not in ("int16", "uint16", "string"):
             yield "order", f"{self.order} is for 16-bit values; a {self.type} takes e.g. ABCD"

@@ -1,0 +1,142 @@
+"""Modbus config: invalid combinations are config errors with their path."""
+
+from __future__ import annotations
+
+import pytest
+
+from drivers.modbus.config import ModbusRtuBusConfig
+from gateway.config import ConfigError, parse_config
+
+HEAD = """
+[[buses]]
+name = "rs485"
+kind = "modbus-rtu"
+port = "/dev/ttyUSB0"
+{bus}
+[[buses.devices]]
+name = "meter"
+unit_id = {unit}
+points = [
+  {points}
+]
+"""
+
+
+def problems(points: str, bus: str = "", unit: int = 1) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(HEAD.format(points=points, bus=bus, unit=unit))
+    return info.value.problems
+
+
+P = "buses[0].devices[0].points[0]"
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        pytest.param(
+            '{ name = "v", table = "coil", address = 0, type = "float32" }',
+            (
+                f"{P}.type",
+                'a coil holds one bit: use type = "bool" (a float32 needs holding or '
+                "input registers)",
+            ),
+            id="float-on-coils",
+        ),
+        pytest.param(
+            '{ name = "s", table = "holding", address = 0, type = "string" }',
+            (f"{P}.length", "a string needs length = number of registers (2 chars each)"),
+            id="string-without-length",
+        ),
+        pytest.param(
+            '{ name = "b", table = "holding", address = 0, type = "bool" }',
+            (
+                f"{P}.bit",
+                'a bool on holding registers needs bit = 0..15 (or use table = "coil" '
+                '/ "discrete")',
+            ),
+            id="bool-without-bit",
+        ),
+        pytest.param(
+            '{ name = "v", table = "holding", address = 0, type = "flaot32" }',
+            (
+                f"{P}.type",
+                "'flaot32' is not one of bool, int16, uint16, int32, uint32, int64, "
+                "uint64, float32, float64, string",
+            ),
+            id="typo-type",
+        ),
+        pytest.param(
+            '{ name = "v", table = "holding", address = 0, type = "int16", order = "ABCDEFGH" }',
+            (f"{P}.order", "ABCDEFGH is for 64-bit values; a int16 takes e.g. ABCD"),
+            id="order-width",
+        ),
+        pytest.param(
+            '{ name = "v", table = "input", address = 0, writable = true }',
+            (f"{P}.writable", "input registers are read-only in Modbus"),
+            id="write-input",
+        ),
+        pytest.param(
+            '{ name = "v", table = "holding", address = 70000 }',
+            (f"{P}.address", "70000 is outside 0..65535 (addresses are 0-based)"),
+            id="address-range",
+        ),
+        pytest.param(
+            '{ name = "a", table = "holding", address = 0, type = "float32", writable = true },'
+            ' { name = "b", table = "holding", address = 1 }',
+            (
+                f"{P}.address",
+                "writable a (holding 0..1) overlaps b (holding 1..1): a write to "
+                "one would change the other",
+            ),
+            id="overlapping-write",
+        ),
+        pytest.param(
+            '{ name = "v", table = "holding", address = 0, type = "string", scale = 2.0, '
+            "length = 2 }",
+            (f"{P}.scale", "scale and offset apply to numbers, not to a string"),
+            id="scaled-string",
+        ),
+    ],
+)
+def test_invalid_points(points: str, expected: tuple[str, str]) -> None:
+    assert problems(points) == [expected]
+
+
+def test_bits_of_one_register_may_be_written_separately() -> None:
+    config = parse_config(
+        HEAD.format(
+            bus="",
+            unit=1,
+            points='{ name = "a", table = "holding", address = 5, type = "bool", bit = 0, '
+            'writable = true }, { name = "b", table = "holding", address = 5, type = "bool", '
+            "bit = 1 }",
+        )
+    )
+    assert isinstance(config.buses[0], ModbusRtuBusConfig)
+
+
+def test_bus_and_device_problems() -> None:
+    found = problems(
+        '{ name = "v", table = "holding", address = 0 }', bus="baudrate = 9601", unit=0
+    )
+    assert found == [
+        ("buses[0].baudrate", "9601 is not a standard baud rate (e.g. 9600, 19200)"),
+        ("buses[0].devices[0].unit_id", "0 is outside 1..247"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("baudrate", "gap_ms"),
+    [(9600, 3.65), (19200, 1.82), (38400, 1.75), (115200, 1.75)],
+)
+def test_t35_gap_follows_the_baud_rate(baudrate: int, gap_ms: float) -> None:
+    config = parse_config(
+        HEAD.format(
+            bus=f"baudrate = {baudrate}",
+            unit=1,
+            points='{ name = "v", table = "holding", address = 0 }',
+        )
+    ).buses[0]
+    assert isinstance(config, ModbusRtuBusConfig)
+    assert config.gap * 1000 == pytest.approx(gap_ms, abs=0.01)
