@@ -14,6 +14,8 @@ from pathlib import Path
 
 import trio
 
+from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
+from drivers.modbus.planner import format_plan
 from gateway import __version__, logs
 from gateway.app import Extra, Gateway, prepare_state_dir
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
@@ -34,7 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, default=DEFAULT_PATH, help=config_help)
     check = sub.add_parser("check-config", help="validate the config and say what would run")
     check.add_argument("--config", type=Path, default=DEFAULT_PATH, help=config_help)
-    sub.add_parser("demo", help="run on embedded defaults with simulated sensors")
+    check.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print the read requests each Modbus bus sends per poll cycle",
+    )
+    sub.add_parser(
+        "demo", help="run on embedded defaults with simulated sensors and a Modbus TCP meter"
+    )
     return parser
 
 
@@ -43,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup("info")
     try:
         if args.command == "check-config":
-            return check_config(args.config)
+            return check_config(args.config, plan=args.plan)
         if args.command == "run":
             return run(args.config)
         return demo()
@@ -51,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def check_config(path: Path) -> int:
+def check_config(path: Path, *, plan: bool = False) -> int:
     try:
         config = load_config(path)
     except ConfigError as e:
@@ -61,7 +70,23 @@ def check_config(path: Path) -> int:
     print(f"{path}: OK")
     for line in summary(config):
         print(f"  {line}")
+    if plan:
+        for line in request_plan(config):
+            print(line)
     return 0
+
+
+def request_plan(config: Config) -> list[str]:
+    """The read requests of every Modbus bus, as ``check-config --plan`` prints them: a
+    heading per bus, then ``drivers.modbus.planner.format_plan``'s lines indented."""
+    lines: list[str] = []
+    for bus in config.buses:
+        if isinstance(bus, ModbusRtuBusConfig | ModbusTcpBusConfig):
+            lines.append(f"request plan of bus {bus.name} ({bus.kind}), addresses 0-based:")
+            lines.extend(f"  {line}" for line in format_plan(bus.name, bus.devices))
+    if not lines:
+        lines.append("request plan: no Modbus buses")
+    return lines
 
 
 def run(path: Path) -> int:
@@ -70,11 +95,21 @@ def run(path: Path) -> int:
 
 def demo() -> int:
     from gateway import demo as demo_mod
+    from gateway.simulator import EnergyMeterSimulator
 
-    with demo_mod.state_tempdir() as state_dir:
-        log.info("demo: simulated sensors, state in %s; press Ctrl-C to stop", state_dir)
+    # The simulator stops after the gateway (which closes its connection first) has stopped.
+    with demo_mod.state_tempdir() as state_dir, EnergyMeterSimulator() as meter:
+        log.info(
+            "demo: simulated sensors (bus line-1) and a Modbus TCP energy meter on %s:%d "
+            "(bus plc), state in %s; press Ctrl-C to stop",
+            meter.host,
+            meter.port,
+            state_dir,
+        )
         return _serve(
-            lambda: prepare_state_dir(demo_mod.demo_config(state_dir), "demo config"),
+            lambda: prepare_state_dir(
+                demo_mod.demo_config(state_dir, plc_port=meter.port), "demo config"
+            ),
             [demo_mod.console],
         )
 

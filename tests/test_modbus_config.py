@@ -92,6 +92,25 @@ P = "buses[0].devices[0].points[0]"
             id="overlapping-write",
         ),
         pytest.param(
+            '{ name = "v", table = "holding", address = 0, heartbeat = "1min" }',
+            (
+                f"{P}.heartbeat",
+                "only matters with a deadband (without one, every poll is reported): add "
+                "deadband = 0 to report changes only",
+            ),
+            id="heartbeat-without-deadband",
+        ),
+        pytest.param(
+            '{ name = "s", table = "holding", address = 0, type = "string", length = 125, '
+            "writable = true }",
+            (
+                f"{P}.writable",
+                "125 registers is more than one write may carry (123); make the point shorter "
+                "or read-only",
+            ),
+            id="write-too-long",
+        ),
+        pytest.param(
             '{ name = "v", table = "holding", address = 0, type = "string", scale = 2.0, '
             "length = 2 }",
             (f"{P}.scale", "scale and offset apply to numbers, not to a string"),

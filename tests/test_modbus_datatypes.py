@@ -372,6 +372,10 @@ def test_encode_rounds_to_nearest_raw() -> None:
     assert encode(p, 234.54) == [2345]
     assert encode(writable("int16"), 2.7) == [3]
     assert encode(writable("int16"), -2.7) == [0xFFFD]
+    # 23.45 / 0.1 is 234.4999... in binary floating point; the user means 234.5 -> 235.
+    assert encode(p, 23.45) == [235]
+    assert encode(writable("int16", scale=0.1), -23.45) == [0x10000 - 235]
+    assert encode(writable("int16"), 2.5) == [3]  # halves away from zero
 
 
 def test_encode_accepts_int_for_float_type() -> None:

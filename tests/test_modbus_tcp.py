@@ -159,12 +159,16 @@ async def test_every_type_reads_correctly(running: tuple[ModbusBus, Recorder]) -
 
 
 async def test_exception_response_is_a_bad_quality_not_a_crash(
-    running: tuple[ModbusBus, Recorder],
+    running: tuple[ModbusBus, Recorder], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, rec = running
     reading = await rec.wait_latest("plc/d1/missing", lambda r: True)
     assert reading.quality is Quality.BAD
     assert reading.reason == "exception 02 illegal address"
+    await rec.wait_for(lambda r: len(r.values("plc/d1/missing")) >= 5)
+    # The journal hears of it once, not once per poll.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["plc/d1: exception 02 illegal address on missing"]
     # The other points of the device are unaffected.
     assert rec.latest("plc/d1/i32").quality is Quality.GOOD  # type: ignore[union-attr]
 

@@ -80,6 +80,7 @@ class Device:
         self.stats = DeviceStats()
         self.failures = 0  # consecutive timeouts
         self.backoff_until = 0.0
+        self.logged_errors: frozenset[str] = frozenset()  # what the journal last heard
 
 
 class ModbusBus:
@@ -133,6 +134,26 @@ class ModbusBus:
                 deadline = device.backoff_until
 
     async def _poll_once(self, device: Device) -> None:
+        errors: dict[str, list[str]] = {}  # reason -> points, for the journal
+        if await self._poll_reads(device, errors):
+            self._log_errors(device, errors)
+
+    def _log_errors(self, device: Device, errors: dict[str, list[str]]) -> None:
+        """One warning when a device's exception/CRC errors change, one line when they clear:
+        the journal shows each problem once, not once per poll."""
+        reasons = frozenset(errors)
+        if reasons == device.logged_errors:
+            return
+        where = f"{self.name}/{device.config.name}"
+        fields = kv(bus=self.name, device=device.config.name, unit=device.config.unit_id)
+        for reason in sorted(reasons - device.logged_errors):
+            log.warning("%s: %s on %s", where, reason, ", ".join(errors[reason]), extra=fields)
+        if not reasons:
+            log.info("%s: errors cleared", where, extra=fields)
+        device.logged_errors = reasons
+
+    async def _poll_reads(self, device: Device, errors: dict[str, list[str]]) -> bool:
+        """One poll cycle; False when a timeout or disconnect cut it short."""
         stats = device.stats
         stats.polls += 1
         unit = device.config.unit_id
@@ -144,24 +165,27 @@ class ModbusBus:
                 stats.timeouts += 1
                 self._device_failed(device, "timeout")
                 self._publish_bad(device, device.config.points, "timeout")
-                return  # the rest of this cycle would time out too
+                return False  # the rest of this cycle would time out too
             except Disconnected:
                 stats.disconnected += 1
                 stats.last_error = "disconnected"
                 self._publish_bad(device, device.config.points, "disconnected")
-                return
+                return False
             except ModbusExceptionResponse as e:
                 stats.exceptions += 1
                 stats.last_error = e.reason
                 self._publish_bad(device, [p.point for p in read.points], e.reason)
+                errors.setdefault(e.reason, []).extend(p.point.name for p in read.points)
                 continue
             except FrameError as e:
                 stats.crc_errors += 1
                 stats.last_error = f"crc: {e}"
                 self._publish_bad(device, [p.point for p in read.points], "crc")
+                errors.setdefault(f"crc ({e})", []).extend(p.point.name for p in read.points)
                 continue
             self._device_ok(device)
             self._publish_read(device, read, response)
+        return True
 
     async def _transact(self, device: Device, request: Request) -> Response:
         stats = device.stats

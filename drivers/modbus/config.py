@@ -144,6 +144,22 @@ class ModbusPointConfig:
             yield "deadband", "must be 0 or more"
         if self.heartbeat is not None and self.heartbeat <= 0:
             yield "heartbeat", "must be greater than 0"
+        if self.heartbeat is not None and self.deadband is None:
+            yield (
+                "heartbeat",
+                (
+                    "only matters with a deadband (without one, every poll is reported): "
+                    "add deadband = 0 to report changes only"
+                ),
+            )
+        if self.writable and not self.is_bit_table and self.width > MAX_WRITE_REGISTERS:
+            yield (
+                "writable",
+                (
+                    f"{self.width} registers is more than one write may carry "
+                    f"({MAX_WRITE_REGISTERS}); make the point shorter or read-only"
+                ),
+            )
         if self.min is not None and self.max is not None and self.max < self.min:
             yield "max", f"{self.max} is below min ({self.min})"
 
@@ -293,6 +309,8 @@ class ModbusTcpBusConfig:
             yield "port", f"{self.port} is outside 1..65535"
         if self.timeout <= 0:
             yield "timeout", "must be greater than 0"
+        if self.connect_timeout <= 0:
+            yield "connect_timeout", "must be greater than 0"
         if self.retries < 0:
             yield "retries", "must be 0 or more"
         yield from _check_devices(self.devices, self.backoff_initial, self.backoff_max, tcp=True)

@@ -187,6 +187,13 @@ def _unscale(point: ModbusPointConfig, value: float) -> float:
         return math.inf
 
 
+def _round_raw(x: float) -> int:
+    """Nearest integer, halves away from zero, after dropping float noise: 23.45 / 0.1 is
+    234.49999999999997 in binary floating point, but a user writing 23.45 means 234.5."""
+    r = round(x, 6)
+    return int(math.copysign(math.floor(abs(r) + 0.5), r))
+
+
 def _encode_number(point: ModbusPointConfig, value: Value) -> bytes:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise WriteError(
@@ -200,7 +207,7 @@ def _encode_number(point: ModbusPointConfig, value: Value) -> bytes:
     if int_range is not None:
         low, high = int_range
         if not scaled:
-            raw = value if isinstance(value, int) else round(value)  # ints stay exact
+            raw = value if isinstance(value, int) else _round_raw(value)  # ints stay exact
             if not low <= raw <= high:
                 raise WriteError(
                     f"{point.name}: {_num(value)} is outside {point.type} ({low}..{high}); "
@@ -208,14 +215,15 @@ def _encode_number(point: ModbusPointConfig, value: Value) -> bytes:
                 )
             return struct.pack(fmt, raw)
         exact = _unscale(point, value)
-        raw_text = f"raw {_num(float(round(exact)))}" if math.isfinite(exact) else "a raw value"
-        if not (math.isfinite(exact) and low <= round(exact) <= high):
+        raw_scaled = _round_raw(exact) if math.isfinite(exact) else None
+        raw_text = f"raw {_num(float(raw_scaled))}" if raw_scaled is not None else "a raw value"
+        if raw_scaled is None or not low <= raw_scaled <= high:
             raise WriteError(
                 f"{point.name}: {_num(value)} becomes {raw_text} (scale {_num(point.scale)}, "
                 f"offset {_num(point.offset)}), outside {point.type} ({low}..{high}); send a "
                 f"value in {_engineering_range(point, low, high)}"
             )
-        return struct.pack(fmt, round(exact))
+        return struct.pack(fmt, raw_scaled)
     limit = _FLOAT32_MAX if point.type == "float32" else sys.float_info.max
     raw_float = _unscale(point, value)
     try:
