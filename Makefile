@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/edge-gateway demo
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

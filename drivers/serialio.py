@@ -249,13 +249,15 @@ class SerialPort:
                 await trio.lowlevel.checkpoint()
                 self._check_open()
                 return
+            # Write first and wait for room only when the driver's buffer is full: a request
+            # fits at once, and the receive that follows yields to the scheduler anyway.
+            await trio.lowlevel.checkpoint_if_cancelled()
             while remaining:
-                self._check_open()
-                await trio.lowlevel.wait_writable(self._fd)
                 self._check_open()
                 try:
                     n = os.write(self._fd, remaining)
                 except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._fd)
                     continue
                 except OSError as e:
                     raise _os_error(self.settings.path, "write", e) from e
@@ -269,6 +271,8 @@ class SerialPort:
         dropped = 0
         try:
             dropped += int(port.in_waiting)
+            if not dropped:  # the usual case before a request: nothing stale, no more syscalls
+                return 0
             port.reset_input_buffer()
             # Bytes the driver delivered between the count and the flush, or right after it.
             while True:

@@ -9,6 +9,7 @@ A pymodbus API change touches this file only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,13 +141,26 @@ def _response(request: Request, pdu: ModbusPDU) -> Response:
     return Response()
 
 
+# A poll sends the same few requests over and over: build each frame once. Only the MBAP
+# transaction id (the first two bytes) changes from one request to the next.
+@functools.lru_cache(maxsize=1024)
+def _rtu_frame(request: Request) -> bytes:
+    frame: bytes = FramerRTU(DecodePDU(is_server=False)).buildFrame(request.pdu())
+    return frame
+
+
+@functools.lru_cache(maxsize=1024)
+def _mbap_frame(request: Request) -> bytes:
+    frame: bytes = FramerSocket(DecodePDU(is_server=False)).buildFrame(request.pdu())
+    return frame
+
+
 class RtuCodec:
     """Master side of Modbus RTU (also RTU over TCP). One transaction at a time:
     ``encode(request)``, then feed bytes to ``receive_data`` until ``response()`` returns
     a value (or raises ``FrameError`` / ``ModbusExceptionResponse``)."""
 
     def __init__(self) -> None:
-        self._framer = FramerRTU(DecodePDU(is_server=False))
         self._decoder = DecodePDU(is_server=False)
         self._buffer = bytearray()
         self._request: Request | None = None
@@ -154,8 +168,7 @@ class RtuCodec:
     def encode(self, request: Request) -> bytes:
         self._request = request
         self._buffer.clear()
-        frame: bytes = self._framer.buildFrame(request.pdu())
-        return frame
+        return _rtu_frame(request)
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -202,7 +215,7 @@ class MbapCodec:
     and counted, so a stale response is never taken for the current one."""
 
     def __init__(self) -> None:
-        self._framer = FramerSocket(DecodePDU(is_server=False))
+        self._decoder = DecodePDU(is_server=False)
         self._buffer = bytearray()
         self._tid = 0
         self._request: Request | None = None
@@ -211,8 +224,7 @@ class MbapCodec:
     def encode(self, request: Request) -> bytes:
         self._tid = self._tid % 0xFFFF + 1  # 1..65535; 0 is never used
         self._request = request
-        frame: bytes = self._framer.buildFrame(request.pdu(self._tid))
-        return frame
+        return self._tid.to_bytes(2, "big") + _mbap_frame(request)[2:]
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -235,7 +247,7 @@ class MbapCodec:
                 continue
             if frame[6] != self._request.unit_id:
                 raise FrameError(f"response from unit {frame[6]}, expected {self._request.unit_id}")
-            pdu = self._framer.decoder.decode(frame[7:])
+            pdu = self._decoder.decode(frame[7:])
             if pdu is None:
                 raise FrameError(f"undecodable response {frame.hex()}")
             return _response(self._request, pdu)

@@ -147,7 +147,13 @@ class Link:
         """Send ``request`` and return its response. Raises ``TimeoutError`` (no answer
         within ``self.timeout``), ``FrameError`` (after retries), ``ModbusExceptionResponse``
         or ``Disconnected``."""
-        async with self._lock:
+        # Fast path when the line is free: acquire without a scheduling pass; the I/O below
+        # is where this call checkpoints.
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             for attempt in range(self.retries + 1):
                 try:
                     return await self._transact_once(request)
@@ -156,27 +162,28 @@ class Link:
                     if attempt == self.retries:
                         raise
             raise AssertionError("unreachable")
+        finally:
+            self._lock.release()
 
     async def _transact_once(self, request: Request) -> Response:
         stream = self._stream
         if stream is None:
+            await trio.lowlevel.checkpoint()
             raise Disconnected(self.last_error or "not connected")
         if self.gap:
             await trio.sleep_until(self._last_end + self.gap)
         codec = self._codec
+        response = None
         try:
             if self._discard_input is not None:
                 self._discard_input(stream)
             await stream.send_all(codec.encode(request))
-            with trio.fail_after(self.timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.timeout):
                 while (response := codec.response()) is None:
                     data = await stream.receive_some(4096)
                     if not data:
                         raise Disconnected("connection closed by the device")
                     codec.receive_data(data)
-            return response
-        except trio.TooSlowError:
-            raise TimeoutError(f"no response within {self.timeout:g}s") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._drop(f"{type(e).__name__}: {e}")
             raise Disconnected(str(e) or type(e).__name__) from e
@@ -185,6 +192,9 @@ class Link:
             raise
         finally:
             self._last_end = trio.current_time()
+        if response is None:  # the deadline passed; the connection stays up
+            raise TimeoutError(f"no response within {self.timeout:g}s")
+        return response
 
     def statistics(self) -> dict[str, object]:
         return {

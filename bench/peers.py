@@ -1,0 +1,166 @@
+"""pymodbus's server in a separate process, the one peer both clients of a benchmark talk to.
+
+A process, not a thread (as ``tests.modbus_peer`` uses): a server thread would share the GIL
+with the client being measured and slow it down by however much the server works. In its own
+process (spawned, so it inherits no state) the server gets its own core on a multi-core
+machine and costs both clients the same.
+
+For RTU the process also owns the serial line: two raw ptys (``tests.ptys.Pty``) joined by a
+relay in the server's asyncio loop, so pymodbus's ``ModbusSerialServer`` opens one tty path
+and the clients open the other. ``tests.ptys.open_pty_link`` does the same with a Trio relay,
+which would run in the measured client's event loop; here the relay stays on the server side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from multiprocessing.connection import Connection
+from typing import Literal
+
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+
+from tests.modbus_peer import device, free_port
+from tests.ptys import Pty
+
+UNIT = 1
+HOLDING = [1000 + i for i in range(10)]
+"""Holding registers 0..9 of unit 1: what every benchmark reads."""
+
+
+def check_registers(registers: Sequence[int]) -> None:
+    """Both clients must have read the right values, or the timings mean nothing."""
+    if list(registers) != HOLDING:
+        raise RuntimeError(f"wrong registers read: {list(registers)}, expected {HOLDING}")
+
+
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+
+Kind = Literal["tcp", "rtu"]
+
+
+@contextmanager
+def server_process(kind: Kind) -> Iterator[str]:
+    """Run the server until the block ends. Yields where to reach it: the TCP port (as a
+    string) or the tty path for the client side of the serial line."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    process = ctx.Process(target=_main, args=(kind, theirs), name=f"modbus-{kind}-server")
+    process.start()
+    theirs.close()
+    try:
+        if not ours.poll(READY_TIMEOUT):
+            raise RuntimeError(f"the {kind} server did not start within {READY_TIMEOUT:g}s")
+        try:
+            status, where = ours.recv()
+        except EOFError:
+            process.join(STOP_TIMEOUT)
+            raise RuntimeError(
+                f"the {kind} server exited while starting (exit code {process.exitcode})"
+            ) from None
+        if status != "ready":
+            raise RuntimeError(f"the {kind} server failed to start: {where}")
+        yield where
+    finally:
+        with suppress(OSError):  # it is gone already
+            ours.send("stop")
+        process.join(STOP_TIMEOUT)
+        if process.is_alive():
+            process.terminate()
+            process.join(STOP_TIMEOUT)
+        ours.close()
+
+
+def quiet_pymodbus() -> None:
+    """pymodbus logs a disconnect mid-request as an error with its last 20 frames attached;
+    in a benchmark that churns connections that is noise, not news."""
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL + 10)
+
+
+def _main(kind: Kind, conn: Connection) -> None:
+    quiet_pymodbus()
+    try:
+        asyncio.run(_serve(kind, conn))
+    except Exception as e:  # reported to the parent, which raises it
+        with suppress(OSError):  # the parent is gone
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        raise
+    finally:
+        conn.close()
+
+
+async def _serve(kind: Kind, conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    devices = [device(UNIT, holding=HOLDING, size=100)]
+    stop = asyncio.Event()
+    loop.add_reader(conn.fileno(), stop.set)  # "stop" from the parent, or its end closing
+    if kind == "tcp":
+        port = free_port()
+        server: ModbusTcpServer | ModbusSerialServer = ModbusTcpServer(
+            devices, address=("127.0.0.1", port), framer=FramerType.SOCKET
+        )
+        await server.serve_forever(background=True)
+        conn.send(("ready", str(port)))
+        await stop.wait()
+        await server.shutdown()
+        return
+    with _PtyRelay(loop) as relay:
+        # The baud rate only matters to a real UART; a pty delivers bytes at once.
+        server = ModbusSerialServer(
+            devices, port=relay.server.name, baudrate=115200, framer=FramerType.RTU
+        )
+        await server.serve_forever(background=True)
+        conn.send(("ready", relay.client.name))
+        await stop.wait()
+        await server.shutdown()
+
+
+class _PtyRelay:
+    """Copies bytes between the masters of two ptys from asyncio reader callbacks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.server = Pty()
+        self.client = Pty()
+        self._pending: dict[int, bytearray] = {
+            self.server.master: bytearray(),
+            self.client.master: bytearray(),
+        }
+
+    def __enter__(self) -> _PtyRelay:
+        self.loop.add_reader(self.server.master, self._copy, self.server.master, self.client.master)
+        self.loop.add_reader(self.client.master, self._copy, self.client.master, self.server.master)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._pending:
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+        self.server.close()
+        self.client.close()
+
+    def _copy(self, src: int, dst: int) -> None:
+        try:
+            data = os.read(src, 65536)
+        except BlockingIOError:
+            return
+        self._pending[dst] += data
+        self._flush(dst)
+
+    def _flush(self, dst: int) -> None:
+        pending = self._pending[dst]
+        try:
+            n = os.write(dst, pending)
+        except BlockingIOError:
+            n = 0
+        del pending[:n]
+        if pending:
+            self.loop.add_writer(dst, self._flush, dst)
+        else:
+            self.loop.remove_writer(dst)
