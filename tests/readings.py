@@ -11,6 +11,9 @@ from gateway.reading import Reading
 
 
 class Recorder:
+    """Readings and progress calls from a bus. Waits are woken by either: progress comes
+    every poll cycle, so it also wakes waits on a bus's statistics."""
+
     def __init__(self) -> None:
         self.readings: list[Reading] = []
         self.progress_calls = 0
@@ -22,6 +25,7 @@ class Recorder:
 
     def progress(self) -> None:
         self.progress_calls += 1
+        self._changed.set()
 
     def context(self) -> BusContext:
         return BusContext(self.publish, self.progress)
@@ -32,6 +36,9 @@ class Recorder:
                 return r
         return None
 
+    def of(self, topic: str) -> list[Reading]:
+        return [r for r in self.readings if r.topic == topic]
+
     def values(self, topic: str) -> list[object]:
         return [r.value for r in self.readings if r.topic == topic]
 
@@ -41,6 +48,9 @@ class Recorder:
             while not predicate(self):
                 await self._changed.wait()
                 self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
+        await self.wait_for(lambda _: predicate(), timeout)
 
     async def wait_latest(
         self, topic: str, predicate: Callable[[Reading], bool], timeout: float = 10

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from drivers.base import BusContext, WriteError
+from drivers.base import WriteError
 from drivers.lines import (
     BadLine,
     Line,
@@ -31,8 +31,9 @@ from drivers.lines import (
 from drivers.registry import KINDS, DriverKind
 from gateway.config import ConfigError, parse_config
 from gateway.configtypes import Name
-from gateway.reading import Quality, Reading
-from tests.ptys import TIMEOUT, PtyPeer
+from gateway.reading import Quality
+from tests.ptys import PtyPeer
+from tests.readings import Recorder
 
 KINDS_WITH_LINES = {
     **KINDS,
@@ -338,36 +339,6 @@ def test_config_errors_name_the_path(extra: str, expected: tuple[str, str]) -> N
 # ---- the bus on a real pty ----------------------------------------------------------------
 
 
-class Sink:
-    """Readings and progress calls from a bus; a test waits for a condition on them, woken by
-    either (progress comes every interval, so it also wakes waits on statistics)."""
-
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self.progress_calls = 0
-        self._changed = trio.Event()
-
-    def publish(self, reading: Reading) -> None:
-        self.readings.append(reading)
-        self._changed.set()
-
-    def progress(self) -> None:
-        self.progress_calls += 1
-        self._changed.set()
-
-    def context(self) -> BusContext:
-        return BusContext(self.publish, self.progress)
-
-    def of(self, topic: str) -> list[Reading]:
-        return [r for r in self.readings if r.topic == topic]
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        with trio.fail_after(TIMEOUT):
-            while not predicate():
-                await self._changed.wait()
-                self._changed = trio.Event()
-
-
 @pytest.fixture
 def peer(tmp_path: Path) -> Iterator[PtyPeer]:
     p = PtyPeer(tmp_path)
@@ -375,7 +346,7 @@ def peer(tmp_path: Path) -> Iterator[PtyPeer]:
     p.close()
 
 
-def make_bus(path: Path, **kw: object) -> tuple[SerialLineBus, Sink]:
+def make_bus(path: Path, **kw: object) -> tuple[SerialLineBus, Recorder]:
     values: dict[str, object] = {
         "pattern": r"T=(?P<temperature>\S+) H=(?P<humidity>\S+)",
         "interval": 0.05,
@@ -386,7 +357,7 @@ def make_bus(path: Path, **kw: object) -> tuple[SerialLineBus, Sink]:
     values.update(kw)
     config = SerialLineBusConfig(Name("wx"), port=str(path), **values)  # type: ignore[arg-type]
     assert list(config.check()) == []
-    sink = Sink()
+    sink = Recorder()
     return SerialLineBus(config, sink.context()), sink
 
 

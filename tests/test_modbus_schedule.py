@@ -41,6 +41,8 @@ class ScriptedLink:
     seconds; units in ``dead`` time out after ``timeout``."""
 
     timeout = 0.5
+    backoff_initial = 4.0
+    backoff_max = 8.0
 
     def __init__(self) -> None:
         self.lock = trio.Lock()
@@ -75,8 +77,6 @@ def make_bus() -> tuple[ModbusBus, ScriptedLink, Recorder]:
         config.devices,
         rec.context(),
         link,  # type: ignore[arg-type]
-        backoff_initial=config.backoff_initial,
-        backoff_max=config.backoff_max,
     )
     bus._rng = random.Random(1)
     return bus, link, rec

@@ -93,15 +93,13 @@ class ModbusBus:
         context: BusContext,
         link: Link,
         *,
-        backoff_initial: float,
-        backoff_max: float,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """A device that stops answering backs off like the link's reconnects
+        (``backoff_initial`` .. ``backoff_max`` of the bus config)."""
         self.name = name
         self.context = context
         self.link = link
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
         self.devices: dict[str, Device] = {d.name: Device(name, d) for d in devices}
         self._wall_clock = wall_clock
         self._rng = random.Random()
@@ -202,7 +200,9 @@ class ModbusBus:
     def _device_failed(self, device: Device, reason: str) -> None:
         device.failures += 1
         device.stats.last_error = reason
-        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** (device.failures - 1))
+        ceiling = min(
+            self.link.backoff_max, self.link.backoff_initial * 2.0 ** (device.failures - 1)
+        )
         delay = self._rng.uniform(ceiling / 2, ceiling)
         device.backoff_until = trio.current_time() + delay
         if device.failures == 1:

@@ -37,11 +37,4 @@ def modbus_rtu_bus(config: ModbusRtuBusConfig, context: BusContext) -> ModbusBus
         backoff_max=config.backoff_max,
         discard_input=_discard_input,
     )
-    return ModbusBus(
-        config.name,
-        config.devices,
-        context,
-        link,
-        backoff_initial=config.backoff_initial,
-        backoff_max=config.backoff_max,
-    )
+    return ModbusBus(config.name, config.devices, context, link)

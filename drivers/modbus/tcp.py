@@ -78,11 +78,4 @@ def modbus_tcp_bus(config: ModbusTcpBusConfig, context: BusContext) -> ModbusBus
         backoff_initial=config.backoff_initial,
         backoff_max=config.backoff_max,
     )
-    return ModbusBus(
-        config.name,
-        config.devices,
-        context,
-        link,
-        backoff_initial=config.backoff_initial,
-        backoff_max=config.backoff_max,
-    )
+    return ModbusBus(config.name, config.devices, context, link)
