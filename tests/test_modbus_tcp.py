@@ -262,3 +262,18 @@ async def test_rtu_framing_over_tcp_for_serial_device_servers() -> None:
         assert await trio.to_thread.run_sync(peer.get, 1, 3, 26, 1) == [100]
     finally:
         await trio.to_thread.run_sync(peer.stop)
+
+
+async def test_pause_after_connect_holds_the_first_request(peer: ModbusPeer) -> None:
+    rec = Recorder()
+    bus = modbus_tcp_bus(
+        bus_config(peer.port, extra='pause_after_connect = "300ms"'), rec.context()
+    )
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        await nursery.start(bus.run)
+        await rec.wait_latest("plc/d1/i32", lambda r: r.good)
+        # Nothing was sent during the pause: the device saw no request before it ended.
+        assert trio.current_time() - started >= 0.3
+        assert bus.link.connects == 1
+        nursery.cancel_scope.cancel()

@@ -69,7 +69,6 @@ class Link:
         self._discard_input = discard_input
         self._stream: Stream | None = None
         self._lost = trio.Event()
-        self._up = trio.Event()
         self._lock = trio.Lock()
         self._last_end = 0.0
         self._rng = random.Random()
@@ -112,20 +111,18 @@ class Link:
                 if failures or self.reconnects:
                     log.info("%s: connected again", self.name, extra=kv(bus=self.name))
                 failures = 0
-                if self.pause_after_connect:
-                    await trio.sleep(self.pause_after_connect)
-                self._codec = self._make_codec()
-                self._lost = trio.Event()
-                self._stream = stream
-                self._up.set()
-                if not reported:
-                    reported = True
-                    task_status.started()
-                try:
+                try:  # from here on the stream is closed however this ends
+                    if self.pause_after_connect:
+                        await trio.sleep(self.pause_after_connect)
+                    self._codec = self._make_codec()
+                    self._lost = trio.Event()
+                    self._stream = stream
+                    if not reported:
+                        reported = True
+                        task_status.started()
                     await self._lost.wait()
                 finally:
                     self._stream = None
-                    self._up = trio.Event()
                     with trio.CancelScope(shield=True):
                         await stream.aclose()
                 failures = 1
