@@ -9,7 +9,7 @@ import sys
 import time
 from importlib.metadata import version
 
-from bench.peers import quiet_pymodbus
+from bench.peers import pin, quiet_pymodbus
 
 BENCHMARKS = ("tcp", "rtu")
 
@@ -37,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     quiet_pymodbus()
+    about = machine()
+    pinned = pin("client")
     names = args.names or list(BENCHMARKS)
     for name in names:
         if name not in BENCHMARKS:
             parser.error(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
-    print(machine())
+    print(f"{about}; {pinned}")
     for name in names:
         print()
         started = time.perf_counter()

@@ -10,23 +10,33 @@ A pymodbus API change touches this file only.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import attrs
+from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import (
     ReadCoilsRequest,
+    ReadCoilsResponse,
     ReadDiscreteInputsRequest,
+    ReadDiscreteInputsResponse,
     WriteMultipleCoilsRequest,
+    WriteMultipleCoilsResponse,
     WriteSingleCoilRequest,
+    WriteSingleCoilResponse,
 )
 from pymodbus.pdu.register_message import (
     ReadHoldingRegistersRequest,
+    ReadHoldingRegistersResponse,
     ReadInputRegistersRequest,
+    ReadInputRegistersResponse,
     WriteMultipleRegistersRequest,
+    WriteMultipleRegistersResponse,
     WriteSingleRegisterRequest,
+    WriteSingleRegisterResponse,
 )
 
 EXCEPTION_NAMES = {
@@ -114,6 +124,36 @@ _PDU_CLASSES: dict[int, type[ModbusPDU]] = {
 }
 
 
+_RESPONSE_CLASSES: dict[int, type[ModbusPDU]] = {
+    1: ReadCoilsResponse,
+    2: ReadDiscreteInputsResponse,
+    3: ReadHoldingRegistersResponse,
+    4: ReadInputRegistersResponse,
+    5: WriteSingleCoilResponse,
+    6: WriteSingleRegisterResponse,
+    15: WriteMultipleCoilsResponse,
+    16: WriteMultipleRegistersResponse,
+}
+
+
+def _decode_pdu(data: bytes) -> ModbusPDU:
+    """A response PDU (function code first) through pymodbus's PDU classes. Straight to the
+    class: ``DecodePDU.decode`` also formats every PDU for a debug log line nobody reads."""
+    fc = data[0]
+    pdu: ModbusPDU
+    if fc & 0x80:
+        pdu = ExceptionResponse(fc & 0x7F)
+    elif (cls := _RESPONSE_CLASSES.get(fc)) is not None:
+        pdu = cls()
+    else:
+        raise FrameError(f"response with unsupported function code {fc}")
+    try:
+        pdu.decode(data[1:])
+    except (ModbusException, ValueError, IndexError, struct.error) as e:
+        raise FrameError(f"undecodable response {data.hex()}: {e}") from None
+    return pdu
+
+
 @attrs.frozen
 class Response:
     registers: tuple[int, ...] = ()
@@ -161,7 +201,6 @@ class RtuCodec:
     a value (or raises ``FrameError`` / ``ModbusExceptionResponse``)."""
 
     def __init__(self) -> None:
-        self._decoder = DecodePDU(is_server=False)
         self._buffer = bytearray()
         self._request: Request | None = None
 
@@ -198,10 +237,7 @@ class RtuCodec:
         crc = int.from_bytes(frame[-2:], "big")
         if not FramerRTU.check_CRC(frame[:-2], crc):
             raise FrameError("CRC mismatch")
-        pdu = self._decoder.decode(frame[1:-2])
-        if pdu is None:
-            raise FrameError(f"undecodable response {frame.hex()}")
-        return _response(request, pdu)
+        return _response(request, _decode_pdu(frame[1:-2]))
 
     @property
     def pending(self) -> int:
@@ -215,7 +251,6 @@ class MbapCodec:
     and counted, so a stale response is never taken for the current one."""
 
     def __init__(self) -> None:
-        self._decoder = DecodePDU(is_server=False)
         self._buffer = bytearray()
         self._tid = 0
         self._request: Request | None = None
@@ -247,8 +282,5 @@ class MbapCodec:
                 continue
             if frame[6] != self._request.unit_id:
                 raise FrameError(f"response from unit {frame[6]}, expected {self._request.unit_id}")
-            pdu = self._decoder.decode(frame[7:])
-            if pdu is None:
-                raise FrameError(f"undecodable response {frame.hex()}")
-            return _response(self._request, pdu)
+            return _response(self._request, _decode_pdu(frame[7:]))
         return None
