@@ -141,6 +141,8 @@ class Gateway:
     stopping: bool = False
     _root: trio.Nursery | None = None
     _reload_lock: trio.Lock = attrs.Factory(trio.Lock)
+    ready: trio.Event = attrs.Factory(trio.Event)
+    """Set once every component has started (when READY=1 goes to systemd)."""
     _stuck_reported: bool = False
 
     @classmethod
@@ -162,6 +164,7 @@ class Gateway:
             await root.start(self._status)
             status = self.status_line()
             self.notifier.ready(status)
+            self.ready.set()
             log.info("gateway ready: %s", status, extra=kv(name=self.config.gateway.name))
 
     # ---- signals, reload, shutdown ----------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from gateway.app import Gateway
@@ -97,3 +100,28 @@ async def test_shutdown_gives_up_after_the_timeout(
         await gw.shutdown("test")
         assert wedged.is_set()
         assert trio.current_time() - t0 == pytest.approx(3.0)
+
+
+async def test_second_interrupt_cancels_at_once(tmp_path: Path) -> None:
+    source = Source(
+        config_text(tmp_path, a="1s").replace(
+            "status_interval", 'shutdown_timeout = "1h"\nstatus_interval'
+        )
+    )
+    gw = Gateway.create(source.load(), source.load, Notifier({}))
+    draining = trio.Event()
+
+    async def stop_all_that_hangs() -> None:
+        draining.set()
+        await trio.sleep_forever()
+
+    gw.buses.stop_all = stop_all_that_hangs  # type: ignore[method-assign]
+    with trio.fail_after(10):  # far below the 1 h shutdown timeout
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gw.run)
+            await gw.ready.wait()  # signal handling is installed before anything else
+            os.kill(os.getpid(), signal.SIGINT)  # graceful stop begins, and hangs
+            await draining.wait()
+            assert gw.stopping
+            os.kill(os.getpid(), signal.SIGINT)  # the second one cancels everything
+    assert all(sup.state.value == "stopped" for _, sup in gw.buses.supervised.values())
