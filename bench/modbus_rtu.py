@@ -27,14 +27,11 @@ import trio
 from pymodbus.client import AsyncModbusSerialClient
 
 from bench import profiling
-from bench.peers import UNIT, check_registers, server_process
+from bench.peers import SILENT, UNIT, check_registers, link_round, server_process
 from bench.timing import Sample, Timed, table, timed
-from drivers.base import BusContext
-from drivers.modbus.codec import Request
 from drivers.modbus.config import ModbusRtuBusConfig
 from drivers.modbus.rtu import modbus_rtu_bus
 from gateway.config import parse_config
-from gateway.reading import Reading
 
 BAUDRATE = 115200
 """Configured on both clients; a pty ignores it. Our default gap for it is 1.75 ms."""
@@ -74,28 +71,9 @@ points = [{{ name = "r0", table = "holding", address = 0 }}]
     return config
 
 
-def _ignore_reading(reading: Reading) -> None:
-    pass
-
-
-def _no_progress() -> None:
-    pass
-
-
 async def ours_round(path: str, count: int, frame_gap: str | None = "0ms") -> Timed:
-    config = bus_config(path, frame_gap)
-    link = modbus_rtu_bus(config, BusContext(_ignore_reading, _no_progress)).link
-    request = Request.read("holding", UNIT, 0, 10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        if not link.up:
-            raise RuntimeError(f"ours cannot open {path}: {link.last_error}")
-        for _ in range(WARMUP):
-            check_registers((await link.transact(request)).registers)
-        timings, last = await timed(lambda: link.transact(request), count, ROUND_LIMIT)
-        check_registers(last.registers)
-        nursery.cancel_scope.cancel()
-    return timings
+    link = modbus_rtu_bus(bus_config(path, frame_gap), SILENT).link
+    return await link_round(link, count, WARMUP, ROUND_LIMIT)
 
 
 async def theirs_round(path: str, count: int) -> Timed:

@@ -21,10 +21,9 @@ import trio
 from pymodbus.client import AsyncModbusTcpClient
 
 from bench import profiling
-from bench.peers import UNIT, check_registers, server_process
+from bench.peers import SILENT, UNIT, check_registers, link_round, server_process
 from bench.timing import Sample, Timed, table, timed
 from drivers.base import BusContext
-from drivers.modbus.codec import Request
 from drivers.modbus.config import ModbusTcpBusConfig
 from drivers.modbus.tcp import modbus_tcp_bus
 from gateway.config import parse_config
@@ -71,27 +70,9 @@ points = [{points}]
     return config
 
 
-def _ignore_reading(reading: Reading) -> None:
-    pass
-
-
-def _no_progress() -> None:
-    pass
-
-
 async def ours_round(port: int, count: int) -> Timed:
-    link = modbus_tcp_bus(bus_config(port, "1s"), BusContext(_ignore_reading, _no_progress)).link
-    request = Request.read("holding", UNIT, 0, 10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.run)
-        if not link.up:
-            raise RuntimeError(f"ours cannot connect: {link.last_error}")
-        for _ in range(WARMUP):
-            check_registers((await link.transact(request)).registers)
-        timings, last = await timed(lambda: link.transact(request), count, ROUND_LIMIT)
-        check_registers(last.registers)
-        nursery.cancel_scope.cancel()
-    return timings
+    link = modbus_tcp_bus(bus_config(port, "1s"), SILENT).link
+    return await link_round(link, count, WARMUP, ROUND_LIMIT)
 
 
 async def theirs_round(port: int, count: int) -> Timed:
@@ -139,7 +120,7 @@ async def poll_path(port: int, seconds: float) -> PollResult:
         if readings[0] == WARMUP * 10:  # ten points per poll
             warmed_up.set()
 
-    bus = modbus_tcp_bus(bus_config(port, POLL_INTERVAL), BusContext(publish, _no_progress))
+    bus = modbus_tcp_bus(bus_config(port, POLL_INTERVAL), BusContext(publish, SILENT.progress))
     stats = bus.devices["d1"].stats
     result = PollResult()
     async with trio.open_nursery() as nursery:

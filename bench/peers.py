@@ -22,9 +22,15 @@ from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
 from typing import Literal
 
+import trio
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
+from bench.timing import Timed, timed
+from drivers.base import BusContext
+from drivers.modbus.codec import Request
+from drivers.modbus.link import Link
+from gateway.reading import Reading
 from tests.modbus_peer import device, free_port
 from tests.ptys import Pty
 
@@ -37,6 +43,34 @@ def check_registers(registers: Sequence[int]) -> None:
     """Both clients must have read the right values, or the timings mean nothing."""
     if list(registers) != HOLDING:
         raise RuntimeError(f"wrong registers read: {list(registers)}, expected {HOLDING}")
+
+
+def _ignore_reading(reading: Reading) -> None:
+    pass
+
+
+def _no_progress() -> None:
+    pass
+
+
+SILENT = BusContext(_ignore_reading, _no_progress)
+"""A bus context for benchmarks: readings and progress go nowhere."""
+
+
+async def link_round(link: Link, count: int, warmup: int, limit: float) -> Timed:
+    """Our client's round: bring ``link`` up, warm up, then time ``count`` reads of the
+    benchmark's registers back to back (checking what was read)."""
+    request = Request.read("holding", UNIT, 0, len(HOLDING))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        if not link.up:
+            raise RuntimeError(f"ours cannot connect: {link.last_error}")
+        for _ in range(warmup):
+            check_registers((await link.transact(request)).registers)
+        timings, last = await timed(lambda: link.transact(request), count, limit)
+        check_registers(last.registers)
+        nursery.cancel_scope.cancel()
+    return timings
 
 
 READY_TIMEOUT = 20.0

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -144,14 +144,16 @@ class NotifySocket:
 
 
 class Daemon:
-    """``edge-gateway run`` in a subprocess; stderr lines are collected by a thread."""
+    """``edge-gateway ARGS`` (``run``, ``demo``) in a subprocess; a thread collects stderr."""
 
-    def __init__(self, config: Path, notify: NotifySocket | None, env: dict[str, str]) -> None:
+    def __init__(
+        self, args: Sequence[str], notify: NotifySocket | None, env: dict[str, str]
+    ) -> None:
         self.notify = notify
         if notify is not None:
             env = {"NOTIFY_SOCKET": notify.address, **env}
         self.proc = subprocess.Popen(
-            gateway_command("run", "--config", str(config)),
+            gateway_command(*args),
             cwd=ROOT,
             env=gateway_env(**env),
             stdin=subprocess.DEVNULL,
@@ -179,18 +181,24 @@ class Daemon:
 
     def wait_for_log(self, text: str, timeout: float = TIMEOUT) -> str:
         """The next stderr line (after the one last returned) containing ``text``."""
+        return self.wait_for_line(lambda line: text in line, timeout, what=repr(text))
+
+    def wait_for_line(
+        self, predicate: Callable[[str], bool], timeout: float = TIMEOUT, what: str = "a match"
+    ) -> str:
+        """The next stderr line (after the one last returned) for which ``predicate`` holds."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
                 while self._next < len(self.lines):
                     line = self.lines[self._next]
                     self._next += 1
-                    if text in line:
+                    if predicate(line):
                         return line
                 remaining = deadline - time.monotonic()
                 if self._eof or remaining <= 0:
                     raise AssertionError(
-                        f"no log line with {text!r} within {timeout}s "
+                        f"no log line with {what} within {timeout}s "
                         f"(exit status {self.proc.poll()}); stderr:\n" + "\n".join(self.lines)
                     )
                 self._changed.wait(remaining)
@@ -271,7 +279,7 @@ def daemon(notify_listener: NotifySocket) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
     def start(config: Path, notify: NotifySocket | None = notify_listener, **env: str) -> Daemon:
-        d = Daemon(config, notify, env)
+        d = Daemon(["run", "--config", str(config)], notify, env)
         started.append(d)
         return d
 

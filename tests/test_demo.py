@@ -5,13 +5,9 @@ demo's own pymodbus energy meter both deliver values, the log stays readable, an
 from __future__ import annotations
 
 import math
-import queue
 import re
 import signal
-import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -23,76 +19,20 @@ from drivers.modbus.tcp import modbus_tcp_bus
 from gateway.configtypes import Duration
 from gateway.demo import PLC_BUS, demo_config, show
 from gateway.simulator import EnergyMeterSimulator
-from tests.conftest import ROOT, TIMEOUT, gateway_command, gateway_env
+from tests.conftest import TIMEOUT, Daemon
 from tests.readings import Recorder
 
 NUMBER = r"-?\d+(?:\.\d+)?"
 
 
-class Demo:
-    """``python -m gateway demo`` with its stderr lines handed over through a queue."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            gateway_command("demo"),
-            cwd=ROOT,
-            env=gateway_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)  # EOF
-
-    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(
-                    f"demo exited ({self.proc.poll()}) first; stderr:\n" + "\n".join(self.lines)
-                )
-            self.lines.append(line)
-            if predicate(line):
-                return line
-        raise AssertionError(f"no such line within {timeout}s; stderr:\n" + "\n".join(self.lines))
-
-    def wait_exit(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(TIMEOUT)
-        while (line := self._queue.get_nowait()) is not None:
-            self.lines.append(line)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(TIMEOUT)
-        self._reader.join(TIMEOUT)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
 @pytest.fixture
-def demo() -> Iterator[Demo]:
-    d = Demo()
+def demo() -> Iterator[Daemon]:
+    d = Daemon(["demo"], None, {})
     yield d
     d.kill()
 
 
-def test_demo_polls_the_modbus_simulator_and_stops_on_ctrl_c(demo: Demo) -> None:
+def test_demo_polls_the_modbus_simulator_and_stops_on_ctrl_c(demo: Daemon) -> None:
     # The console logs every 3 s; the first line may come before the first Modbus poll.
     line = demo.wait_for_line(
         lambda line: "latest: " in line and "plc/meter/voltage=" in line, timeout=3 * TIMEOUT
