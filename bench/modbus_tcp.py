@@ -27,7 +27,7 @@ from drivers.base import BusContext
 from drivers.modbus.config import ModbusTcpBusConfig
 from drivers.modbus.tcp import modbus_tcp_bus
 from gateway.config import parse_config
-from gateway.reading import Reading
+from gateway.core.reading import Reading
 
 COUNT = 8000
 """Measured transactions per client, split over ``ROUNDS``."""

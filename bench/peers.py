@@ -30,7 +30,7 @@ from bench.timing import Timed, timed
 from drivers.base import BusContext
 from drivers.modbus.codec import Request
 from drivers.modbus.link import Link
-from gateway.reading import Reading
+from gateway.core.reading import Reading
 from tests.modbus_peer import device, free_port
 from tests.ptys import Pty
 

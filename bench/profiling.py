@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, Callable[[str, str], bool]]] = [
         "our decode, report filter, point config",
         lambda f, n: f.endswith(("drivers/modbus/datatypes.py", "drivers/modbus/config.py")),
     ),
-    ("Reading objects (gateway/reading.py, attrs)", lambda f, n: "gateway.reading" in f),
+    ("Reading objects (gateway/core/reading.py, attrs)", lambda f, n: "gateway.core.reading" in f),
     ("pymodbus PDUs, framers", lambda f, n: "/pymodbus/pdu/" in f or "/pymodbus/framer/" in f),
     ("pymodbus client, transaction, transport", lambda f, n: "/pymodbus/" in f),
     ("pyserial", lambda f, n: "/serial/" in f),

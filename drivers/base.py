@@ -3,18 +3,24 @@
 A bus is one serial port or one TCP connection (or a simulated source). The daemon's
 supervisor creates it from its config with a ``BusContext``, runs it, and restarts it with
 backoff when ``run`` raises.
+
+Drivers use only the gateway's lower layer (``gateway.core``: readings, topics, config value
+types, logging, backoff, the component model); only the composition root (``gateway.app``)
+and the config loader (``gateway.config``) import drivers. ``make test`` checks both with
+import-linter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import attrs
 import trio
 
-from gateway.configtypes import Name
-from gateway.reading import Reading, Value
+from gateway.core.component import Condition
+from gateway.core.configtypes import Name
+from gateway.core.reading import Reading, Value
 
 
 class WriteError(Exception):
@@ -55,6 +61,11 @@ class BusConfig(Protocol):
         """Problems no single field shows: ``(path below this bus, message)`` pairs."""
         ...
 
+    def describe(self) -> str:
+        """Where the bus is, for ``check-config`` and logs: ``/dev/ttyUSB0 9600 8N1``,
+        ``10.0.0.5:502``, ``simulated``."""
+        ...
+
 
 class Bus(Protocol):
     name: str
@@ -68,4 +79,11 @@ class Bus(Protocol):
         """Write ``value`` to ``device/point``; raises ``WriteError`` with a clear reason."""
         ...
 
-    def statistics(self) -> Mapping[str, object]: ...
+    def condition(self) -> Condition:
+        """How the bus is now: up; degraded (some device not answering, the sensor silent)
+        or down (port missing, host refusing or not resolving), with a short reason."""
+        ...
+
+    def statistics(self) -> object:
+        """A frozen attrs value with the bus's counters."""
+        ...

@@ -26,7 +26,7 @@ import serial
 import serial.rs485
 import trio
 
-from gateway.logs import kv
+from gateway.core.logs import kv
 
 log = logging.getLogger("drivers.serialio")
 
@@ -110,6 +110,9 @@ class SerialPortConfig:
             rs485=self.rs485,
             low_latency=self.low_latency,
         )
+
+    def describe(self) -> str:
+        return f"{self.port} {self.baudrate} {self.bytesize}{self.parity}{self.stopbits}"
 
     def check_port(self) -> Iterator[tuple[str, str]]:
         if not self.port:

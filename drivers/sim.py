@@ -9,15 +9,16 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Literal
 
 import attrs
 import trio
 
 from drivers.base import BusContext, WriteError
-from gateway.configtypes import Duration, Name, duplicate_names
-from gateway.reading import Reading, Value
+from gateway.core.component import UP, Condition
+from gateway.core.configtypes import Duration, Name, duplicate_names
+from gateway.core.reading import Reading, Value
 
 Signal = Literal["sine", "random-walk", "step", "counter", "setpoint"]
 
@@ -58,6 +59,9 @@ class SimBusConfig:
     def stall_after(self) -> float:
         return 3 * max((d.interval for d in self.devices), default=1.0) + 10.0
 
+    def describe(self) -> str:
+        return "simulated"
+
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.devices:
             yield "devices", "a sim bus needs at least one [[buses.devices]] table"
@@ -71,6 +75,13 @@ class SimBusConfig:
                     yield f"devices[{i}].points[{j}].high", f"{p.high} is below low ({p.low})"
                 if p.period <= 0:
                     yield f"devices[{i}].points[{j}].period", "must be greater than 0"
+
+
+@attrs.frozen
+class SimBusStatistics:
+    polls: int
+    overruns: int
+    points: int
 
 
 class _SimPoint:
@@ -157,5 +168,8 @@ class SimBus:
             )
         point.value = float(value)
 
-    def statistics(self) -> Mapping[str, object]:
-        return {"polls": self.polls, "overruns": self.overruns, "points": len(self._points)}
+    def condition(self) -> Condition:
+        return UP
+
+    def statistics(self) -> SimBusStatistics:
+        return SimBusStatistics(self.polls, self.overruns, len(self._points))

@@ -22,10 +22,10 @@ import trio
 
 from drivers.base import Bus, BusConfig, BusContext
 from drivers.registry import KINDS
-from gateway import logs
 from gateway.config import Config, ConfigError
+from gateway.core import logs
+from gateway.core.logs import kv
 from gateway.hub import Hub
-from gateway.logs import kv
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Backoff, State, Supervised
 
@@ -124,7 +124,7 @@ class Buses:
 
     def statistics(self) -> dict[str, object]:
         return {
-            name: {**sup.statistics(), **dict(self.instances[name].statistics())}
+            name: {**sup.statistics(), "bus": self.instances[name].statistics()}
             if name in self.instances
             else sup.statistics()
             for name, (_, sup) in self.supervised.items()

@@ -16,9 +16,10 @@ import trio
 
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
-from gateway import __version__, logs
+from gateway import __version__
 from gateway.app import Extra, Gateway, prepare_state_dir
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
+from gateway.core import logs
 from gateway.sdnotify import Notifier
 
 log = logging.getLogger("gateway")

@@ -29,7 +29,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from drivers.base import BusConfig
 from drivers.registry import KINDS, DriverKind
-from gateway.configtypes import (
+from gateway.core.configtypes import (
     ConfigValueError,
     Duration,
     Name,

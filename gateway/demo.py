@@ -20,8 +20,8 @@ from drivers.base import BusConfig
 from drivers.modbus.config import ModbusTcpBusConfig
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
+from gateway.core.reading import Value
 from gateway.hub import OverflowPolicy
-from gateway.reading import Value
 
 log = logging.getLogger("gateway.demo")
 

@@ -15,8 +15,8 @@ from types import TracebackType
 import attrs
 import trio
 
-from gateway.reading import Reading
-from gateway.topics import matches, pattern_problem
+from gateway.core.reading import Reading
+from gateway.core.topics import matches, pattern_problem
 
 _MAX_ROUTES = 100_000
 

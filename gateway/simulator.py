@@ -61,7 +61,7 @@ class _QuietServer(logging.Filter):
     """Keeps pymodbus's server errors to one readable line in the demo's log.
 
     pymodbus appends its last 20 raw frames (``>>>>> send: 0x0 0x1 ...``) to every error it
-    logs while its logger is below DEBUG, which ``gateway.logs.setup`` makes it: the dump is
+    logs while its logger is below DEBUG, which ``gateway.core.logs.setup`` makes it: the dump is
     cut off. And it logs an error when a client hangs up while a request is being answered,
     which the gateway does at every stop (it cancels the poll in flight): that one is dropped.
     """

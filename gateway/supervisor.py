@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from gateway.logs import kv
+from gateway.core.logs import kv
 
 log = logging.getLogger("gateway.supervisor")
 

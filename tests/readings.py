@@ -7,7 +7,7 @@ from collections.abc import Callable
 import trio
 
 from drivers.base import BusContext
-from gateway.reading import Reading
+from gateway.core.reading import Reading
 
 
 class Recorder:

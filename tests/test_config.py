@@ -13,7 +13,7 @@ import pytest
 from drivers.registry import KINDS, DriverKind
 from drivers.sim import SimBus, SimBusConfig
 from gateway.config import ConfigError, load_config, parse_config, summary
-from gateway.configtypes import Duration, Name, Secret, parse_duration, parse_size
+from gateway.core.configtypes import Duration, Name, Secret, parse_duration, parse_size
 
 SIM_BUS = """
 [[buses]]

@@ -16,7 +16,7 @@ import trio
 
 from drivers.modbus.config import ModbusTcpBusConfig
 from drivers.modbus.tcp import modbus_tcp_bus
-from gateway.configtypes import Duration
+from gateway.core.configtypes import Duration
 from gateway.demo import PLC_BUS, demo_config, show
 from gateway.simulator import EnergyMeterSimulator
 from tests.conftest import TIMEOUT, Daemon

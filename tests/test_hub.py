@@ -6,9 +6,9 @@ import pytest
 import trio
 import trio.testing
 
+from gateway.core.reading import Reading
+from gateway.core.topics import matches, pattern_problem
 from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow
-from gateway.reading import Reading
-from gateway.topics import matches, pattern_problem
 
 
 def reading(topic: str, value: float) -> Reading:

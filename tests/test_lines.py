@@ -30,8 +30,8 @@ from drivers.lines import (
 )
 from drivers.registry import KINDS, DriverKind
 from gateway.config import ConfigError, parse_config
-from gateway.configtypes import Name
-from gateway.reading import Quality
+from gateway.core.configtypes import Name
+from gateway.core.reading import Quality
 from tests.ptys import PtyPeer
 from tests.readings import Recorder
 

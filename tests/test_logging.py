@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from gateway import logs
-from gateway.logs import _Formatter, kv
+from gateway.core import logs
+from gateway.core.logs import _Formatter, kv
 
 if TYPE_CHECKING:
     from conftest import Daemon

@@ -21,8 +21,8 @@ from drivers.modbus.datatypes import (
     encode_bit,
     set_bit,
 )
-from gateway.configtypes import Duration, Name
-from gateway.reading import Value
+from gateway.core.configtypes import Duration, Name
+from gateway.core.reading import Value
 
 
 def point(type: str = "uint16", order: str = "ABCD", **kwargs: Any) -> ModbusPointConfig:

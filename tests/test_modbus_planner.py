@@ -14,7 +14,7 @@ from drivers.modbus.config import (
     Table,
 )
 from drivers.modbus.planner import PlannedRead, format_plan, plan_device
-from gateway.configtypes import Duration, Name
+from gateway.core.configtypes import Duration, Name
 
 # (table, address, count, point names in plan order)
 Shape = tuple[Table, int, int, tuple[str, ...]]

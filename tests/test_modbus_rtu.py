@@ -14,7 +14,7 @@ from drivers.modbus.bus import ModbusBus
 from drivers.modbus.config import ModbusRtuBusConfig
 from drivers.modbus.rtu import modbus_rtu_bus
 from gateway.config import parse_config
-from gateway.reading import Quality
+from gateway.core.reading import Quality
 from tests.modbus_peer import ModbusPeer, device
 from tests.ptys import PtyLink, open_pty_link
 from tests.readings import Recorder

@@ -14,7 +14,7 @@ from drivers.modbus.bus import ModbusBus
 from drivers.modbus.config import ModbusTcpBusConfig
 from drivers.modbus.tcp import modbus_tcp_bus
 from gateway.config import parse_config
-from gateway.reading import Quality
+from gateway.core.reading import Quality
 from tests.modbus_peer import ModbusPeer, device
 from tests.readings import Recorder
 

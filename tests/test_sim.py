@@ -9,7 +9,7 @@ import trio.testing
 from drivers.base import BusContext, WriteError
 from drivers.sim import SimBus, SimBusConfig
 from gateway.config import parse_config
-from gateway.reading import Reading
+from gateway.core.reading import Reading
 
 CONFIG = """
 [[buses]]

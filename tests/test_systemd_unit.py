@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import DEFAULT_PATH, EX_CONFIG, GatewaySection
-from gateway.configtypes import parse_duration
+from gateway.core.configtypes import parse_duration
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "edge-gateway.service"
 INSTALLED_BINARY = "/opt/edge-gateway/venv/bin/edge-gateway"

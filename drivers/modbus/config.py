@@ -12,7 +12,7 @@ from typing import Literal
 import attrs
 
 from drivers.serialio import SerialPortConfig
-from gateway.configtypes import Duration, Name, duplicate_names
+from gateway.core.configtypes import Duration, Name, duplicate_names
 
 Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal[
@@ -293,6 +293,10 @@ class ModbusTcpBusConfig:
     backoff_max: Duration = Duration(60.0)
     """Reconnect backoff, and per-device backoff after a timeout."""
     devices: tuple[ModbusDeviceConfig, ...] = ()
+
+    def describe(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def topics(self) -> Iterator[str]:
         return _topics(self.name, self.devices)

@@ -1,7 +1,7 @@
 """Registers <-> values for Modbus points, and the report-by-exception filter.
 
 Pure: no I/O, no clocks (the caller passes ``now``). Depends only on the point config, the
-``WriteError`` of ``drivers.base`` and the ``Value`` type of ``gateway.reading``.
+``WriteError`` of ``drivers.base`` and the ``Value`` type of ``gateway.core.reading``.
 
 Byte/word order follows Telegraf: the four-letter names apply to every width (``ABCD`` big
 endian, ``BADC`` bytes swapped in each register, ``CDAB`` registers reversed, ``DCBA`` both,
@@ -24,7 +24,7 @@ from typing import Final
 
 from drivers.base import WriteError
 from drivers.modbus.config import ModbusPointConfig, Order
-from gateway.reading import Value
+from gateway.core.reading import Value
 
 # type -> (struct format for big-endian bytes, integer range or None for floats)
 _FORMATS: Final[dict[str, tuple[str, tuple[int, int] | None]]] = {

@@ -16,7 +16,7 @@ from typing import Protocol
 import trio
 
 from drivers.modbus.codec import FrameError, MbapCodec, Request, Response, RtuCodec
-from gateway.logs import kv
+from gateway.core.logs import kv
 
 log = logging.getLogger("drivers.modbus")
 

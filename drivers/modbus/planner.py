@@ -1,7 +1,7 @@
 """Turn a device's points into as few Modbus read requests as possible.
 
 Pure: config in, plan out; no I/O, no clock, no pymodbus. Depends only on
-``drivers.modbus.config`` and ``gateway.configtypes`` (for ``format_duration``). The poller
+``drivers.modbus.config`` and ``gateway.core.configtypes`` (for ``format_duration``). The poller
 sends one request per ``PlannedRead`` each poll cycle and slices each point's registers (or
 bits) out of the response at ``PlacedPoint.index``.
 """
@@ -19,7 +19,7 @@ from drivers.modbus.config import (
     ModbusPointConfig,
     Table,
 )
-from gateway.configtypes import format_duration
+from gateway.core.configtypes import format_duration
 
 TABLES: tuple[Table, ...] = ("coil", "discrete", "holding", "input")
 """Plan order; also the order of the read function codes 1..4."""

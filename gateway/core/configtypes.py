@@ -16,7 +16,7 @@ from typing import NewType
 
 import attrs
 
-from gateway.topics import name_problem
+from gateway.core.topics import name_problem
 
 Duration = NewType("Duration", float)
 """Seconds, written in the config as ``"500ms"``, ``"2s"``, ``"5min"``, ``"1h"``."""
