@@ -5,10 +5,11 @@ Three layers:
 
 - the config (``SerialLineBusConfig``, ``LinePointConfig``) with ``check()``;
 - sans-IO: ``LineParser`` (bytes in, lines out), ``decode_regex`` / ``decode_nmea`` (a line
-  to values per point) and ``LineDecoder`` (the per-bus policy), all plain functions and
-  small state machines, tested without ports or clocks;
+  to values per point), ``LineDecoder`` (the per-bus policy) and ``SentenceWatch`` (NMEA
+  sentence types that stopped coming), all plain functions and small state machines,
+  tested without ports or clocks;
 - ``SerialLineBus``: the thin Trio adapter that owns the port (``drivers.serialio``), the
-  poll and progress schedules, reconnects and logging.
+  poll and progress schedules, the silence deadline, reopening with backoff and logging.
 
 Example::
 
@@ -26,26 +27,31 @@ Example::
       { name = "humidity", unit = "%" },
     ]
 
-Depends on ``drivers.base``, ``drivers.serialio`` and the gateway's value types only.
+Depends on ``drivers.base``, ``drivers.serialio`` and the gateway's lower layer
+(``gateway.core``: readings, config value types, logging, the component model, backoff).
 """
 
 from __future__ import annotations
 
 import codecs
+import difflib
+import errno
 import logging
 import math
+import random
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from string import hexdigits
-from typing import Literal
+from typing import Literal, Protocol
 
 import attrs
 import trio
 
 from drivers.base import BusContext, WriteError
-from drivers.serialio import PortError, SerialPort, SerialPortConfig
-from gateway.core.component import UP, Condition
-from gateway.core.configtypes import Duration, Name, duplicate_names
+from drivers.serialio import DeviceGone, PortError, PortSettings, SerialPort, SerialPortConfig
+from gateway.core.backoff import Backoff
+from gateway.core.component import UP, Condition, State
+from gateway.core.configtypes import Duration, Name, duplicate_names, format_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Reading, Value
 
@@ -53,16 +59,135 @@ log = logging.getLogger("drivers.lines")
 
 LineFormat = Literal["regex", "nmea"]
 PointType = Literal["float", "int", "str", "bool"]
+Axis = Literal["latitude", "longitude"]
 
 TERMINATORS = ("\r\n", "\n", "\r")
 MAX_LINE_LENGTH = 65536
 SILENCE_INTERVALS = 3
-"""Without a valid line for this many intervals, the points read bad ``timeout``."""
+"""The silence window is this many intervals: without a valid line for that long, the points
+read bad ``timeout``; without an NMEA sentence type a point needs (while others come), that
+point reads bad ``no GGA sentence received``."""
 BAD_LINE_LOG_INTERVAL = 60.0
 """At most one warning about bad lines per bus in this many seconds (with a count)."""
+POSITION_DECIMALS = 7
+"""Latitudes and longitudes are rounded to this many decimals of a degree (about 1 cm)."""
 
 _SENTENCE = re.compile(r"[A-Z][A-Z0-9]{2,9}")
 _PROBE = "\r\n$*,.-+0123456789AZaz=:; "
+
+# ---- NMEA 0183 names ----------------------------------------------------------------------
+
+SENTENCE_TYPES: tuple[str, ...] = (
+    # The common ones first: a "did you mean" hint prefers them among equally close matches.
+    "GGA", "RMC", "GLL", "VTG", "GSA", "GSV", "ZDA", "GNS", "GST", "HDT", "HDG", "HDM",
+    "MWV", "MWD", "MTW", "DBT", "DPT", "VHW", "XDR", "ROT", "VBW", "TXT", "THS", "MDA",
+    "GBS", "GRS", "DTM", "RMB", "APB", "BOD", "BWC", "XTE", "WPL", "RTE", "VLW", "VWR",
+    "VWT", "DBK", "DBS", "VDM", "VDO", "ALR", "RSA", "RPM", "HSC", "MTA", "MHU", "MMB",
+    # The rest of NMEA 0183 (4.11 and older), alphabetically.
+    "AAM", "ABK", "ABM", "ACA", "ACK", "ACN", "ACS", "AIR", "AKD", "ALA", "ALC", "ALF",
+    "ALM", "ARC", "BBM", "BEC", "BWR", "BWW", "CUR", "DDC", "DOR", "DSC", "DSE", "DSI",
+    "DSR", "EPV", "ETL", "EVE", "FIR", "FSI", "GEN", "GFA", "GLC", "GTD", "GXA", "HBT",
+    "HCR", "HMR", "HMS", "HRM", "HSS", "HTC", "HTD", "LCD", "LR1", "LR2", "LR3", "LRF",
+    "LRI", "MLA", "MOB", "MSK", "MSS", "NAK", "NRM", "NRX", "NSR", "OSD", "POS", "PRC",
+    "RLM", "RMA", "ROR", "RRT", "RSD", "SFI", "SSD", "STN", "TLB", "TLL", "TRC", "TRD",
+    "TRF", "TRL", "TTD", "TTM", "TUT", "UID", "VDR", "VER", "VPW", "VSD", "WAT", "WCV",
+    "WNC", "XTR", "ZDL", "ZFO", "ZTG",
+)  # fmt: skip
+"""Known NMEA 0183 sentence types (the formatter after the talker id)."""
+
+TALKERS: tuple[str, ...] = (
+    # Satellite navigation first, then instruments; the order ranks "did you mean" hints.
+    "GP", "GN", "GL", "GA", "GB", "BD", "GQ", "GI", "QZ",
+    "II", "IN", "WI", "HC", "HE", "HN", "SD", "YX", "AG", "AP", "AI", "EC", "VW", "VD",
+    "VM", "TI", "RA", "EI", "ER", "SN", "LC", "ZA", "ZC", "ZQ", "ZV", "CD", "CS", "CT",
+    "CV", "CX", "DE", "DF", "EP", "FD", "FE", "FR", "FS", "HD", "HF", "HS", "NL", "NV",
+    "RB", "RC", "RI", "SG", "SS", "TC", "UP", "VA", "VR", "VS", "WD", "WL", "YC", "YD",
+    "YF", "YL", "YP", "YR", "YT", "YV", "AB", "AD", "AN", "AR", "AS", "AT", "AU", "BI",
+    "BN", "CA", "CR", "DU", "JA", "JB", "JC", "JD", "JE", "JF", "JG", "JH",
+)  # fmt: skip
+"""Known NMEA 0183 talker ids (the two letters before the sentence type)."""
+
+_TYPE_SET = frozenset(SENTENCE_TYPES)
+_TALKER_SET = frozenset(TALKERS)
+
+POSITION_FIELDS: Mapping[str, Mapping[int, tuple[Axis, int]]] = {
+    "GGA": {2: ("latitude", 3), 4: ("longitude", 5)},
+    "RMC": {3: ("latitude", 4), 5: ("longitude", 6)},
+    "GLL": {1: ("latitude", 2), 3: ("longitude", 4)},
+    "GNS": {2: ("latitude", 3), 4: ("longitude", 5)},
+}
+"""Sentence type -> {field: (axis, its hemisphere field)} for the position fields that are
+published as signed decimal degrees."""
+
+
+def close_matches(word: str, candidates: Sequence[str], n: int = 2) -> list[str]:
+    """Up to ``n`` candidates like ``word`` (difflib ratio 0.6 or more), closest first; ties
+    go to the candidate listed first (the more common one)."""
+    scored: list[tuple[float, int, str]] = []
+    for rank, candidate in enumerate(candidates):
+        matcher = difflib.SequenceMatcher(None, word, candidate)
+        if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6:
+            ratio = matcher.ratio()
+            if ratio >= 0.6:
+                scored.append((-ratio, rank, candidate))
+    return [candidate for _, _, candidate in sorted(scored)[:n]]
+
+
+def _did_you_mean(guesses: Sequence[str]) -> str:
+    if not guesses:
+        return ""
+    return f" (did you mean {' or '.join(repr(g) for g in guesses)}?)"
+
+
+def sentence_problem(sentence: str) -> str | None:
+    """Why ``sentence`` (a point's ``sentence`` key) names no NMEA 0183 sentence, with a
+    hint for a mistype; ``None`` when it is fine: a known type (``GGA``), a known talker and
+    type (``GPGGA``), or a proprietary id (``P...``, taken as given)."""
+    if not _SENTENCE.fullmatch(sentence):
+        upper = sentence.upper()
+        hint = _did_you_mean([upper]) if sentence_problem(upper) is None else ""
+        return (
+            f"{sentence!r} is not a sentence type{hint}: three letters for any talker "
+            '("GGA"), or talker and type ("GPGGA"), in capitals'
+        )
+    if sentence.startswith("P") or sentence in _TYPE_SET:
+        return None
+    talker, kind = sentence[:2], sentence[2:]
+    if len(sentence) == 5:
+        if talker in _TALKER_SET and kind in _TYPE_SET:
+            return None
+        if kind in _TYPE_SET:
+            hint = _did_you_mean(close_matches(sentence, [t + kind for t in TALKERS]))
+            return f"{sentence!r}: {talker!r} is not a known NMEA talker id{hint}"
+        if talker in _TALKER_SET:
+            hint = _did_you_mean(close_matches(sentence, [talker + k for k in SENTENCE_TYPES]))
+            return f"{sentence!r}: {kind!r} is not a known NMEA 0183 sentence type{hint}"
+    candidates = list(SENTENCE_TYPES)
+    if len(sentence) >= 4:
+        candidates += [t + k for t in TALKERS[:9] for k in SENTENCE_TYPES]
+    hint = _did_you_mean(close_matches(sentence, candidates))
+    return (
+        f"{sentence!r} is not a known NMEA 0183 sentence type{hint}: write the type "
+        '("GGA", any talker) or talker and type ("GPGGA"); proprietary ids start with P'
+    )
+
+
+def sentence_type(sentence: str) -> str | None:
+    """The type in a point's ``sentence`` (``GGA`` for ``GGA`` and ``GPGGA``); ``None`` for
+    proprietary ids."""
+    if sentence.startswith("P") or len(sentence) not in (3, 5):
+        return None
+    return sentence[-3:]
+
+
+def position_field(point: LinePointConfig) -> tuple[Axis, int] | None:
+    """``(axis, hemisphere field)`` when the point reads a latitude or longitude field."""
+    if point.sentence is None or point.field is None:
+        return None
+    kind = sentence_type(point.sentence)
+    if kind is None:
+        return None
+    return POSITION_FIELDS.get(kind, {}).get(point.field)
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -74,10 +199,13 @@ class LinePointConfig:
     group: str | None = None
     """Regex format: the named group holding the value (default: the point's name)."""
     sentence: str | None = None
-    """NMEA format: the sentence type, ``"GGA"`` (any talker) or ``"GPGGA"`` (that talker)."""
+    """NMEA format: the sentence type, ``"GGA"`` (any talker) or ``"GPGGA"`` (that talker);
+    proprietary ids (``"PGRME"``) as the device sends them."""
     field: int | None = None
     """NMEA format: the field number; 1 is the first field after the sentence id."""
     type: PointType = "float"
+    """For a latitude or longitude field (see ``POSITION_FIELDS``) ``float`` means signed
+    decimal degrees; ``str`` gives the raw ``ddmm.mmmm`` text."""
     unit: str | None = None
     scale: float = 1.0
     offset: float = 0.0
@@ -98,7 +226,7 @@ class SerialLineBusConfig(SerialPortConfig):
     pattern: str | None = None
     """Regex format: searched in each line; one named group per point."""
     terminator: str = "\r\n"
-    """Ends the poll string. Received lines may end in CR, LF or CRLF either way."""
+    """Ends the poll string only. Received lines end in CR, LF or CRLF whatever it is."""
     encoding: str = "ascii"
     max_line_length: int = 256
     poll: str | None = None
@@ -106,8 +234,9 @@ class SerialLineBusConfig(SerialPortConfig):
     interval: Duration = Duration(1.0)
     """Poll period; without ``poll``, the longest expected gap between lines."""
     reopen_initial: Duration = Duration(1.0)
-    reopen_max: Duration = Duration(30.0)
-    """Backoff between attempts to open the port while it is missing."""
+    reopen_max: Duration = Duration(5.0)
+    """Backoff between attempts to open the port while it is missing (``Backoff``: the
+    ceiling doubles from ``reopen_initial`` up to ``reopen_max``, each delay jittered)."""
     points: tuple[LinePointConfig, ...] = ()
 
     def topic(self, point: LinePointConfig) -> str:
@@ -116,6 +245,10 @@ class SerialLineBusConfig(SerialPortConfig):
     def topics(self) -> Iterator[str]:
         for p in self.points:
             yield self.topic(p)
+
+    def silence_window(self) -> float:
+        """Seconds without a valid line (or a needed NMEA sentence) before points read bad."""
+        return SILENCE_INTERVALS * self.interval
 
     def stall_after(self) -> float:
         # The bus feeds progress every interval, connected or not; only a wedged task stalls.
@@ -208,19 +341,16 @@ class SerialLineBusConfig(SerialPortConfig):
         for i, p in enumerate(self.points):
             if p.group is not None:
                 yield f"points[{i}].group", 'only for format = "regex"'
+            sentence_ok = False
             if p.sentence is None:
                 yield (
                     f"points[{i}].sentence",
                     ('missing: an NMEA point needs sentence (e.g. "GGA") and field'),
                 )
-            elif not _SENTENCE.fullmatch(p.sentence):
-                yield (
-                    f"points[{i}].sentence",
-                    (
-                        f"{p.sentence!r} is not a sentence type: three letters for any talker "
-                        '("GGA"), or talker and type ("GPGGA"), in capitals'
-                    ),
-                )
+            elif (problem := sentence_problem(p.sentence)) is not None:
+                yield f"points[{i}].sentence", problem
+            else:
+                sentence_ok = True
             if p.field is None:
                 yield f"points[{i}].field", "missing: the field number, 1 = first after the id"
             elif p.field < 1:
@@ -228,11 +358,21 @@ class SerialLineBusConfig(SerialPortConfig):
                     f"points[{i}].field",
                     (f"{p.field} is below 1 (1 = the first field after the sentence id)"),
                 )
+            position = position_field(p) if sentence_ok else None
+            if position is not None and p.type in ("int", "bool"):
+                yield (
+                    f"points[{i}].type",
+                    (
+                        f"{p.sentence} field {p.field} is a {position[0]}: leave type out "
+                        '(signed decimal degrees) or use "str" for the raw ddmm.mmmm text'
+                    ),
+                )
 
 
 # ---- sans-IO: bytes to lines --------------------------------------------------------------
 
 EXCERPT = 60
+_LINE_END = re.compile(rb"[\r\n]")
 
 
 @attrs.frozen
@@ -251,19 +391,18 @@ class BadLine:
 
 
 class LineParser:
-    """Bytes in (``receive_data``), lines out. A line ends at the terminator's last byte (LF
-    for CRLF and LF, CR for CR); CR and LF around a line are dropped, so a CRLF setting
-    also reads LF-only devices and a CR setting reads CRLF. Empty lines are skipped.
+    """Bytes in (``receive_data``), lines out. A line ends at CR, at LF, or at CRLF, whatever
+    the bus's ``terminator`` (that only ends the poll string): sensors differ, and a line is
+    handed on as soon as its first end byte is in, without waiting for what follows. The LF
+    of a CRLF (also one that arrives in a later chunk) then ends an empty line, and empty
+    lines are skipped.
 
-    A line longer than ``max_line_length`` bytes is discarded up to the next terminator and
+    A line longer than ``max_line_length`` bytes is discarded up to the next CR or LF and
     reported once; the buffer never holds more than that. Counters: ``lines`` (complete
     lines, good or bad), ``overlong``, ``undecodable``.
     """
 
-    def __init__(
-        self, terminator: str = "\r\n", max_line_length: int = 256, encoding: str = "ascii"
-    ) -> None:
-        self._end = terminator.encode("ascii")[-1:]
+    def __init__(self, max_line_length: int = 256, encoding: str = "ascii") -> None:
         self._max = max_line_length
         self._encoding = encoding
         self._buffer = bytearray()
@@ -281,25 +420,16 @@ class LineParser:
 
     def receive_data(self, data: bytes) -> list[Line | BadLine]:
         out: list[Line | BadLine] = []
-        self._buffer += data
-        while True:
-            end = self._buffer.find(self._end, self._scanned)
-            if end < 0:
-                self._scanned = len(self._buffer)
-                if len(self._buffer.strip(b"\r\n")) > self._max:
-                    if not self._discarding:
-                        out.append(self._too_long(bytes(self._buffer.lstrip(b"\r\n"))))
-                    self._buffer.clear()
-                    self._scanned = 0
-                    self._discarding = True
-                return out
-            raw = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            self._scanned = 0
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        # The bytes before _scanned were searched by an earlier call and hold no line end.
+        while (end := _LINE_END.search(buffer, max(start, self._scanned))) is not None:
+            content = bytes(buffer[start : end.start()])
+            start = end.end()
             if self._discarding:  # the tail of a line already reported as too long
                 self._discarding = False
                 continue
-            content = raw.strip(b"\r\n")
             if not content:
                 continue
             if len(content) > self._max:
@@ -312,6 +442,15 @@ class LineParser:
                 self.undecodable += 1
                 reason = f"not {self._encoding} text"
                 out.append(BadLine("undecodable", reason, content[:EXCERPT]))
+        del buffer[:start]
+        self._scanned = len(buffer)
+        if len(buffer) > self._max:
+            if not self._discarding:
+                out.append(self._too_long(bytes(buffer)))
+            buffer.clear()
+            self._scanned = 0
+            self._discarding = True
+        return out
 
     def _too_long(self, start: bytes) -> BadLine:
         self.lines += 1
@@ -341,6 +480,8 @@ class Decoded:
     checksum_error: str | None = None
     checked: bool = False
     """NMEA: the sentence carried a checksum, and it matched."""
+    sentence: str | None = None
+    """NMEA: the sentence id of an accepted sentence (``GPGGA``)."""
 
     @property
     def ok(self) -> bool:
@@ -355,6 +496,12 @@ def excerpt(text: str, limit: int = EXCERPT) -> str:
     """``text`` shortened and with control characters escaped, for logs and reasons."""
     short = text[:limit] + ("..." if len(text) > limit else "")
     return short.encode("unicode_escape").decode("ascii")
+
+
+def _scaled(number: int | float, point: LinePointConfig) -> int | float:
+    if point.scale != 1.0 or point.offset != 0.0:
+        return number * point.scale + point.offset
+    return number
 
 
 def convert(text: str, point: LinePointConfig) -> PointValue:
@@ -375,11 +522,44 @@ def convert(text: str, point: LinePointConfig) -> PointValue:
     except ValueError:
         what = "a whole number" if point.type == "int" else "a number"
         return PointValue(point, None, f"not {what}: '{excerpt(raw, 20)}'")
-    if point.scale != 1.0 or point.offset != 0.0:
-        number = number * point.scale + point.offset
+    number = _scaled(number, point)
     if isinstance(number, float) and not math.isfinite(number):
         return PointValue(point, None, f"not a finite number: '{excerpt(raw, 20)}'")
     return PointValue(point, number)
+
+
+_DDMM = re.compile(r"([0-9]{1,3})([0-5][0-9](?:\.[0-9]*)?)")
+_HEMISPHERES: Mapping[Axis, Mapping[str, int]] = {
+    "latitude": {"N": 1, "S": -1},
+    "longitude": {"E": 1, "W": -1},
+}
+_LIMITS: Mapping[Axis, int] = {"latitude": 90, "longitude": 180}
+
+
+def convert_position(text: str, hemisphere: str, point: LinePointConfig, axis: Axis) -> PointValue:
+    """An NMEA ``ddmm.mmmm`` (latitude) or ``dddmm.mmmm`` (longitude) field and its
+    hemisphere (N/S, E/W) as signed decimal degrees (S and W negative), rounded to
+    ``POSITION_DECIMALS``; then scale and offset. An empty field (no fix) gives ``no fix``."""
+    raw = text.strip()
+    if not raw:
+        return PointValue(point, None, "no fix")
+    match = _DDMM.fullmatch(raw)
+    if match is None:
+        width = "dd" if axis == "latitude" else "ddd"
+        return PointValue(point, None, f"not a {axis} ({width}mm.mmmm): '{excerpt(raw, 20)}'")
+    degrees = int(match[1]) + float(match[2]) / 60
+    if degrees > _LIMITS[axis]:
+        return PointValue(
+            point, None, f"not a {axis}: '{excerpt(raw, 20)}' is beyond {_LIMITS[axis]} degrees"
+        )
+    signs = _HEMISPHERES[axis]
+    sign = signs.get(hemisphere.strip().upper())
+    if sign is None:
+        wanted = " or ".join(signs)
+        return PointValue(
+            point, None, f"{axis} hemisphere '{excerpt(hemisphere, 8)}' is not {wanted}"
+        )
+    return PointValue(point, _scaled(round(sign * degrees, POSITION_DECIMALS), point))
 
 
 def decode_regex(line: str, pattern: re.Pattern[str], points: Sequence[LinePointConfig]) -> Decoded:
@@ -421,7 +601,8 @@ def decode_nmea(
     line: str, points: Sequence[LinePointConfig], *, require_checksum: bool = False
 ) -> Decoded:
     """One NMEA 0183 sentence: ``$GPGGA,f1,f2,...*hh``. A checksum that is present must be
-    right; a missing one is accepted unless ``require_checksum``."""
+    right; a missing one is accepted unless ``require_checksum``. Latitude and longitude
+    fields (``POSITION_FIELDS``) of ``float`` points become signed decimal degrees."""
     if line[:1] not in ("$", "!"):
         return Decoded(malformed="not an NMEA sentence (no leading $ or !)")
     body, star, given = line[1:].partition("*")
@@ -450,9 +631,18 @@ def decode_nmea(
         if point.field >= len(fields):
             reason = f"{address} has no field {point.field} (it has {len(fields) - 1})"
             values.append(PointValue(point, None, reason))
-        else:
+            continue
+        position = position_field(point) if point.type == "float" else None
+        if position is None:
             values.append(convert(fields[point.field], point))
-    return Decoded(tuple(values), checked=checked)
+            continue
+        axis, hemisphere = position
+        if hemisphere >= len(fields):
+            reason = f"{address} has no field {hemisphere} (the {axis}'s hemisphere)"
+            values.append(PointValue(point, None, reason))
+        else:
+            values.append(convert_position(fields[point.field], fields[hemisphere], point, axis))
+    return Decoded(tuple(values), checked=checked, sentence=address)
 
 
 class LineDecoder:
@@ -483,6 +673,70 @@ class LineDecoder:
         return decoded
 
 
+class SentenceWatch:
+    """NMEA: notices a sentence type that points need but the device stopped sending (or
+    never sent), while it sends others. Times are plain numbers (seconds) from the caller.
+
+    ``sentence(address, now)`` for each accepted sentence; ``overdue(now)`` returns the
+    wanted sentences (as the points name them) not seen for ``window`` seconds, each once
+    until it comes again. ``seen`` lists the sentence ids received since the last reset (at
+    most ``MAX_SEEN``), for the warning.
+    """
+
+    MAX_SEEN = 24
+
+    def __init__(self, points: Sequence[LinePointConfig], window: float, now: float) -> None:
+        self.window = window
+        wanted: dict[str, list[LinePointConfig]] = {}
+        for point in points:
+            if point.sentence is not None:
+                wanted.setdefault(point.sentence, []).append(point)
+        self.wanted: Mapping[str, tuple[LinePointConfig, ...]] = {
+            s: tuple(ps) for s, ps in wanted.items()
+        }
+        self._last: dict[str, float] = {}
+        self.missing: dict[str, None] = {}
+        """The wanted sentences reported overdue and not seen since, in report order."""
+        self.seen: dict[str, None] = {}
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
+        """Start afresh (the port was opened): every sentence has ``window`` from ``now``."""
+        self._last = dict.fromkeys(self.wanted, now)
+        self.missing.clear()
+        self.seen.clear()
+
+    def sentence(self, address: str, now: float) -> list[str]:
+        """Note a sentence; returns the wanted sentences it brings back (were overdue)."""
+        if address not in self.seen and len(self.seen) < self.MAX_SEEN:
+            self.seen[address] = None
+        back = []
+        for wanted in self._last:
+            if sentence_matches(address, wanted):
+                self._last[wanted] = now
+                if wanted in self.missing:
+                    del self.missing[wanted]
+                    back.append(wanted)
+        return back
+
+    def overdue(self, now: float) -> list[str]:
+        """The wanted sentences whose window ended by ``now``, each reported once."""
+        out = [
+            s
+            for s, last in self._last.items()
+            if s not in self.missing and now >= last + self.window
+        ]
+        self.missing.update(dict.fromkeys(out))
+        return out
+
+    def next_due(self) -> float:
+        """When the next wanted sentence that is not missing becomes overdue (inf: none)."""
+        return min(
+            (last + self.window for s, last in self._last.items() if s not in self.missing),
+            default=math.inf,
+        )
+
+
 def next_deadline(deadline: float, interval: float, now: float) -> tuple[float, int]:
     """The next tick after ``deadline`` on a fixed grid, skipping ticks already past ``now``;
     returns it with the number of ticks skipped."""
@@ -495,7 +749,59 @@ def next_deadline(deadline: float, interval: float, now: float) -> tuple[float, 
 
 # ---- the Trio adapter ---------------------------------------------------------------------
 
-State = Literal["starting", "up", "down"]
+
+class LinePort(Protocol):
+    """What the bus needs of an open port: ``drivers.serialio.SerialPort`` (or a test's
+    stand-in). Reads and writes raise ``PortError`` (``DeviceGone``) when the device is gone."""
+
+    async def receive_some(self, max_bytes: int = ...) -> bytes: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+PortOpener = Callable[[PortSettings], Awaitable[LinePort]]
+
+_PORT_PROBLEMS: Mapping[int, str] = {
+    errno.ENOENT: "missing",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EBUSY: "busy",
+    errno.EAGAIN: "in use by another process",
+    errno.ENXIO: "not ready",
+    errno.ENODEV: "device gone",
+}
+
+
+def port_problem(port: str, error: PortError) -> str:
+    """A short reason naming the port, for ``condition()`` and the STATUS line (the log has
+    the whole message with what to do): ``/dev/ttyUSB9 missing``."""
+    if isinstance(error, DeviceGone):
+        return f"{port} device gone"
+    what = _PORT_PROBLEMS.get(error.errno) if error.errno is not None else None
+    return f"{port} {what or 'unusable'}"
+
+
+@attrs.frozen
+class SerialLineStatistics:
+    connected: bool
+    bytes_received: int
+    lines: int
+    """Complete lines, good or bad (``LineParser.lines``)."""
+    malformed: int
+    overlong: int
+    checksum_errors: int
+    unchecked: int
+    """NMEA sentences accepted without a checksum."""
+    partial: int
+    """Bad first lines after opening the port (cut off), dropped without a warning."""
+    conversion_errors: int
+    polls: int
+    poll_overruns: int
+    reconnects: int
+    open_failures: int
+    last_error: str | None
 
 
 class SerialLineBus:
@@ -503,23 +809,43 @@ class SerialLineBus:
 
     While the port is missing or the device is gone the points read bad ``disconnected``
     (published once per outage, with one warning), and the bus retries opening with
-    exponential backoff until the device is back. Without a valid line for
-    ``SILENCE_INTERVALS`` intervals, the points read bad ``timeout``.
+    ``Backoff(reopen_initial, reopen_max)`` until the device is back. Without a valid line
+    for the silence window (``SILENCE_INTERVALS`` intervals after the last one) the points
+    read bad ``timeout``; an NMEA sentence type that stops coming while others come reads
+    bad ``no GGA sentence received`` on its points (``SentenceWatch``).
+
+    ``condition()``: starting until the first open attempt ends; down with the port's
+    problem; degraded while silent or a sentence type is missing; up otherwise.
     """
 
-    def __init__(self, config: SerialLineBusConfig, context: BusContext) -> None:
+    def __init__(
+        self,
+        config: SerialLineBusConfig,
+        context: BusContext,
+        *,
+        open_port: PortOpener = SerialPort.open,
+        rng: random.Random | None = None,
+    ) -> None:
         self.name: str = config.name
         self.config = config
         self.context = context
+        self._open_port = open_port
+        self._rng = rng or random.Random()
+        self._backoff = Backoff(config.reopen_initial, config.reopen_max)
         self._settings = config.port_settings()
-        self._parser = LineParser(config.terminator, config.max_line_length, config.encoding)
+        self._window = config.silence_window()
+        self._parser = LineParser(config.max_line_length, config.encoding)
         self._decoder = LineDecoder(config)
+        self._watch = (
+            SentenceWatch(config.points, self._window, 0.0) if config.format == "nmea" else None
+        )
         self._poll_data = (
             (config.poll + config.terminator).encode(config.encoding)
             if config.poll is not None
             else None
         )
-        self._state: State = "starting"
+        self._state = State.STARTING
+        self._down_reason: str | None = None
         self._down_since = 0.0
         self._last_good = 0.0
         self._silent = False
@@ -541,7 +867,7 @@ class SerialLineBus:
 
     @property
     def connected(self) -> bool:
-        return self._state == "up"
+        return self._state is State.UP
 
     def _log_context(self, **more: object) -> dict[str, object]:
         return kv(bus=self.name, port=self.config.port, **more)
@@ -552,36 +878,38 @@ class SerialLineBus:
             await self._keep_open(task_status)
 
     async def _keep_open(self, task_status: trio.TaskStatus[None]) -> None:
-        delay: float = self.config.reopen_initial
+        failures = 0
         started = False
         while True:
             try:
-                port = await SerialPort.open(self._settings)
+                port = await self._open_port(self._settings)
             except PortError as e:
                 self.open_failures += 1
+                failures += 1
                 self._down(e)
             else:
-                async with port:
+                try:
                     self._up()
                     if not started:
                         started = True
                         task_status.started()
                     error = await self._serve(port)
+                finally:
+                    await port.aclose()
                 self._down(error)
-                if self._healthy:  # the device worked: start the backoff afresh
-                    delay = self.config.reopen_initial
+                # A device that sent valid lines starts the backoff afresh.
+                failures = 1 if self._healthy else failures + 1
             if not started:
                 started = True
                 task_status.started()
-            await trio.sleep(delay)
-            delay = min(delay * 2, self.config.reopen_max)
+            await trio.sleep(self._backoff.delay(failures, self._rng))
 
-    async def _serve(self, port: SerialPort) -> PortError:
+    async def _serve(self, port: LinePort) -> PortError:
         """Read (and poll) until the device is gone; returns why."""
         failures: list[PortError] = []
         async with trio.open_nursery() as nursery:
 
-            async def until_gone(work: Callable[[SerialPort], Awaitable[None]]) -> None:
+            async def until_gone(work: Callable[[LinePort], Awaitable[None]]) -> None:
                 try:
                     await work(port)
                 except PortError as e:
@@ -600,20 +928,23 @@ class SerialLineBus:
         self._healthy = False
         self._silent = False
         self._last_good = trio.current_time()
-        if self._state == "down":
+        if self._watch is not None:
+            self._watch.reset(self._last_good)
+        if self._state is State.DOWN:
             self.reconnects += 1
             down_for = self._last_good - self._down_since
             log.info("serial port is back", extra=self._log_context(down_for=f"{down_for:.1f}s"))
         else:
             log.info("serial port open", extra=self._log_context())
-        self._state = "up"
+        self._state = State.UP
 
     def _down(self, error: PortError) -> None:
         self.last_error = str(error)
-        if self._state == "down":
+        self._down_reason = port_problem(self.config.port, error)
+        if self._state is State.DOWN:
             log.debug("serial port still unavailable", extra=self._log_context(error=error))
             return
-        self._state = "down"
+        self._state = State.DOWN
         self._down_since = trio.current_time()
         self._publish_bad("disconnected")
         log.warning(
@@ -621,29 +952,53 @@ class SerialLineBus:
             extra=self._log_context(error=error),
         )
 
-    def _publish_bad(self, reason: str) -> None:
-        for point in self.config.points:
+    def _publish_bad(self, reason: str, points: Sequence[LinePointConfig] | None = None) -> None:
+        for point in self.config.points if points is None else points:
             self.context.publish(Reading.bad(self.config.topic(point), reason, unit=point.unit))
 
     async def _tick(self) -> None:
-        """Feed the stall detector every interval, connected or not, and notice silence."""
+        """Feed the stall detector every interval, connected or not, and end silences when
+        their window ends (not at the next tick: that would make 3 intervals nearly 4)."""
         interval = self.config.interval
-        deadline = trio.current_time()
+        progress_at = trio.current_time()
         while True:
-            self.context.progress()
             now = trio.current_time()
-            silent_for = now - self._last_good
-            if self.connected and not self._silent and silent_for >= SILENCE_INTERVALS * interval:
-                self._silent = True
-                self._publish_bad("timeout")
-                log.warning(
-                    "no valid line from the sensor; its points read bad until it sends again",
-                    extra=self._log_context(silent_for=f"{silent_for:.1f}s"),
-                )
-            deadline, _ = next_deadline(deadline, interval, now)
-            await trio.sleep_until(deadline)
+            if now >= progress_at:
+                self.context.progress()
+                progress_at, _ = next_deadline(progress_at, interval, now)
+            await trio.sleep_until(min(progress_at, self._check_silence(now)))
 
-    async def _poll(self, port: SerialPort) -> None:
+    def _check_silence(self, now: float) -> float:
+        """Publish ``timeout`` (no valid line) or ``no ... sentence received`` for a window
+        that ended by ``now``; returns when the next window ends."""
+        if self._state is not State.UP or self._silent:
+            return math.inf
+        due = self._last_good + self._window
+        if now >= due:
+            self._silent = True
+            self._publish_bad("timeout")
+            log.warning(
+                "no valid line from the sensor; its points read bad until it sends again",
+                extra=self._log_context(silent_for=f"{now - self._last_good:.1f}s"),
+            )
+            return math.inf
+        if self._watch is None:
+            return due
+        overdue = self._watch.overdue(now)
+        if overdue:
+            for sentence in overdue:
+                self._publish_bad(f"no {sentence} sentence received", self._watch.wanted[sentence])
+            log.warning(
+                "no NMEA sentence of a type the points need; they read bad until it comes",
+                extra=self._log_context(
+                    missing=",".join(overdue),
+                    window=format_duration(self._window),
+                    seen=",".join(self._watch.seen) or "none",
+                ),
+            )
+        return min(due, self._watch.next_due())
+
+    async def _poll(self, port: LinePort) -> None:
         assert self._poll_data is not None
         deadline = trio.current_time()
         while True:
@@ -653,7 +1008,7 @@ class SerialLineBus:
             self.poll_overruns += missed
             await trio.sleep_until(deadline)
 
-    async def _read_lines(self, port: SerialPort) -> None:
+    async def _read_lines(self, port: LinePort) -> None:
         while True:
             data = await port.receive_some()
             self.bytes_received += len(data)
@@ -678,11 +1033,20 @@ class SerialLineBus:
                     self.checksum_errors += 1
             self._bad_line(decoded.malformed or decoded.checksum_error or "", text, first=first)
             return
-        self._last_good = trio.current_time()
+        now = trio.current_time()
+        self._last_good = now
         self._healthy = True
         if self._silent:
             self._silent = False
+            if self._watch is not None:  # every sentence type gets a whole window again
+                self._watch.reset(now)
             log.info("the sensor sends again", extra=self._log_context())
+        if self._watch is not None and decoded.sentence is not None:
+            back = self._watch.sentence(decoded.sentence, now)
+            if back:
+                log.info(
+                    "NMEA sentence arrives again", extra=self._log_context(sentence=",".join(back))
+                )
         if self.config.format == "nmea" and not decoded.checked:
             self.unchecked += 1
         for pv in decoded.values:
@@ -718,22 +1082,32 @@ class SerialLineBus:
         )
 
     def condition(self) -> Condition:
-        return UP  # refined by the components issue's driver work
+        if self._state is State.STARTING:
+            return Condition(State.STARTING)
+        if self._state is State.DOWN:
+            return Condition(State.DOWN, self._down_reason)
+        window = format_duration(self._window)
+        if self._silent:
+            return Condition(State.DEGRADED, f"no valid line for {window}")
+        if self._watch is not None and self._watch.missing:
+            missing = ", ".join(self._watch.missing)
+            return Condition(State.DEGRADED, f"no {missing} sentence for {window}")
+        return UP
 
-    def statistics(self) -> Mapping[str, object]:
-        return {
-            "connected": self.connected,
-            "bytes_received": self.bytes_received,
-            "lines": self._parser.lines,
-            "malformed": self.malformed,
-            "overlong": self._parser.overlong,
-            "checksum_errors": self.checksum_errors,
-            "unchecked": self.unchecked,
-            "partial": self.partial,
-            "conversion_errors": self.conversion_errors,
-            "polls": self.polls,
-            "poll_overruns": self.poll_overruns,
-            "reconnects": self.reconnects,
-            "open_failures": self.open_failures,
-            "last_error": self.last_error,
-        }
+    def statistics(self) -> SerialLineStatistics:
+        return SerialLineStatistics(
+            connected=self.connected,
+            bytes_received=self.bytes_received,
+            lines=self._parser.lines,
+            malformed=self.malformed,
+            overlong=self._parser.overlong,
+            checksum_errors=self.checksum_errors,
+            unchecked=self.unchecked,
+            partial=self.partial,
+            conversion_errors=self.conversion_errors,
+            polls=self.polls,
+            poll_overruns=self.poll_overruns,
+            reconnects=self.reconnects,
+            open_failures=self.open_failures,
+            last_error=self.last_error,
+        )

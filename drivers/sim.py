@@ -22,6 +22,12 @@ from gateway.core.reading import Reading, Value
 
 Signal = Literal["sine", "random-walk", "step", "counter", "setpoint"]
 
+# Bounds that keep every sample finite for any sample number a run can reach: low, high and
+# step within +-1e9 (so high - low, n * step stay far from float overflow), interval and
+# period at least 1 ms (so t / period does too, with durations at most 365 days).
+MAX_VALUE = 1e9
+MIN_INTERVAL = 0.001
+
 
 @attrs.frozen
 class SimPointConfig:
@@ -67,14 +73,19 @@ class SimBusConfig:
             yield "devices", "a sim bus needs at least one [[buses.devices]] table"
         yield from duplicate_names("devices", [d.name for d in self.devices])
         for i, d in enumerate(self.devices):
-            if d.interval <= 0:
-                yield f"devices[{i}].interval", "must be greater than 0"
+            if not d.interval >= MIN_INTERVAL:
+                yield f"devices[{i}].interval", "must be at least 1ms"
             yield from duplicate_names(f"devices[{i}].points", [p.name for p in d.points])
             for j, p in enumerate(d.points):
+                at = f"devices[{i}].points[{j}]"
+                for key in ("low", "high", "step"):
+                    value = getattr(p, key)
+                    if not -MAX_VALUE <= value <= MAX_VALUE:
+                        yield f"{at}.{key}", f"{value:g} is outside -1e9 .. 1e9"
                 if p.high < p.low:
-                    yield f"devices[{i}].points[{j}].high", f"{p.high} is below low ({p.low})"
-                if p.period <= 0:
-                    yield f"devices[{i}].points[{j}].period", "must be greater than 0"
+                    yield f"{at}.high", f"{p.high} is below low ({p.low})"
+                if not p.period >= MIN_INTERVAL:
+                    yield f"{at}.period", "must be at least 1ms"
 
 
 @attrs.frozen

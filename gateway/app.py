@@ -1,134 +1,209 @@
 """The composition root: the whole process is this one nursery tree.
 
-    gateway (root nursery)          READY=1 only after every child started
-    ├── signals                     SIGTERM/SIGINT -> graceful stop, SIGHUP -> reload
-    ├── buses                       one Supervised task per bus (drivers.registry kinds)
-    ├── watchdog                    WATCHDOG=1 while the loop runs and no supervisor is stuck
-    ├── status                      STATUS= line every gateway.status_interval
-    └── extras                      e.g. the demo's console (passed in by the caller)
+    gateway
+    ├── signals                     SIGTERM/SIGINT -> graceful stop, SIGHUP -> reload; lives
+    │                               until the tree below has ended, so a late signal is handled
+    └── tree (root nursery)         READY=1 only after every component started
+        ├── components              every long-running part, in start order (``specs``):
+        │   └── bus <name>...       stage producers: one Supervised per configured bus
+        ├── watchdog                WATCHDOG=1 while the loop runs and no component is stuck
+        ├── status                  STATUS= line every gateway.status_interval
+        └── extras                  e.g. the demo's console; each gets the hub, nothing more
 
-Components get what they need as arguments; nothing here is global.
+Components are started in the order ``specs`` lists them and stopped by stage: producers
+first, then consumers drain what the hub holds, then the store commits, then connections
+close, then the API. Watchdog, STATUS line, reload and (later) ``/readyz`` and ``/metrics``
+read components only through ``gateway.core.component``'s model.
+
+This module and the config loader are the only ones that import ``drivers``.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
-from drivers.base import Bus, BusConfig, BusContext
+from drivers.base import BusConfig, BusContext
+from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
+from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, restart_needed
 from gateway.core import logs
+from gateway.core.backoff import Backoff
+from gateway.core.component import Health, StartupError, State
 from gateway.core.logs import kv
-from gateway.hub import Hub
+from gateway.hub import Hub, HubStatistics
 from gateway.sdnotify import Notifier
-from gateway.supervisor import Backoff, State, Supervised
+from gateway.supervisor import Supervised, SupervisedStatistics
 
 log = logging.getLogger("gateway")
 
-Extra = Callable[..., Awaitable[None]]  # async fn(gateway, *, task_status)
+Extra = Callable[..., Awaitable[None]]
+"""``async fn(hub, *, task_status)``: a task of the caller's (the demo's console)."""
 
 
-def backoff_of(config: Config) -> Backoff:
-    s = config.supervisor
-    return Backoff(s.backoff_initial, s.backoff_max, s.healthy_after)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Buses:
-    """Every configured bus under its own supervisor. ``apply`` (reload) stops and starts only
-    the buses whose config changed."""
+class Stage(enum.IntEnum):
+    """When a component stops, in this order; the reverse is roughly the start order."""
 
-    def __init__(self, hub: Hub, backoff: Backoff) -> None:
-        self.hub = hub
-        self.backoff = backoff
-        self.supervised: dict[str, tuple[BusConfig, Supervised]] = {}
-        self.instances: dict[str, Bus] = {}  # the current attempt's bus, for write()
+    PRODUCERS = 1
+    """Buses, later the device uplink: nothing new enters the hub after this stage."""
+    CONSUMERS = 2
+    """The forwarder, device-plane writers: drain what the hub holds."""
+    STORE = 3
+    """The outbox commits."""
+    CONNECTIONS = 4
+    """Device connections close (1001)."""
+    API = 5
+
+
+@attrs.frozen
+class ComponentSpec:
+    """How to build one component; reload rebuilds it when ``config`` changes."""
+
+    name: str
+    kind: str
+    stage: Stage
+    config: object
+    build: Callable[[], Supervised] = attrs.field(eq=False)
+
+
+def supervisor_backoff(config: Config) -> Backoff:
+    return Backoff(config.supervisor.backoff_initial, config.supervisor.backoff_max)
+
+
+def specs(config: Config, hub: Hub) -> list[ComponentSpec]:
+    """Every component of ``config`` in start order. The outbox, forwarder, device plane and
+    API join this list as they land."""
+    return [bus_spec(bus, config, hub) for bus in config.buses]
+
+
+def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:
+    kind = KINDS[bus.kind]
+
+    def build() -> Supervised:
+        return Supervised(
+            bus.name,
+            lambda progress: kind.create(bus, BusContext(hub.publish, progress)),
+            supervisor_backoff(config),
+            kind="bus",
+            healthy_after=config.supervisor.healthy_after,
+            stall_after=bus.stall_after(),
+        )
+
+    return ComponentSpec(bus.name, "bus", Stage.PRODUCERS, bus, build)
+
+
+@attrs.define
+class _Running:
+    spec: ComponentSpec
+    component: Supervised
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+class Components:
+    """The running components by name. ``apply`` (reload) stops and starts only those whose
+    spec changed; ``stop`` is idempotent and safe to call from several tasks at once."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
-        self._done: dict[str, trio.Event] = {}
 
     async def run(
         self,
-        configs: Iterable[BusConfig],
+        wanted: Sequence[ComponentSpec],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for config in configs:
-                await self._start(config)
+            for spec in wanted:
+                await self.start(spec)
             task_status.started()
             await trio.sleep_forever()
 
-    async def _start(self, config: BusConfig) -> None:
+    async def start(self, spec: ComponentSpec) -> None:
+        """Start one more component (reload, tests)."""
         assert self._nursery is not None
-        kind = KINDS[config.kind]
-        name = config.name
-
-        def make(progress: Callable[[], None]) -> Callable[..., Awaitable[None]]:
-            bus = kind.create(config, BusContext(self.hub.publish, progress))
-            self.instances[name] = bus
-            return bus.run
-
-        sup = Supervised(
-            f"bus {name}",
-            make,
-            self.backoff,
-            stall_after=config.stall_after(),
-            context={"bus": name},
-        )
-        self.supervised[name] = (config, sup)
-        done = self._done[name] = trio.Event()
+        running = _Running(spec, spec.build())
+        self._running[spec.name] = running
 
         async def supervise(*, task_status: trio.TaskStatus[None]) -> None:
             try:
-                await sup.run(task_status=task_status)
+                await running.component.run(task_status=task_status)
             finally:
-                done.set()
+                running.done.set()
+                if self._running.get(spec.name) is running:
+                    del self._running[spec.name]
 
         await self._nursery.start(supervise)
 
-    async def _stop(self, name: str) -> None:
-        _, sup = self.supervised.pop(name)
-        self.instances.pop(name, None)
-        sup.stop()
-        await self._done.pop(name).wait()
+    async def stop(self, name: str) -> None:
+        """Stop one component and wait until it has ended."""
+        running = self._running.get(name)
+        if running is None:
+            await trio.lowlevel.checkpoint()
+            return
+        running.component.stop()
+        await running.done.wait()
 
-    async def apply(self, configs: Iterable[BusConfig], backoff: Backoff) -> tuple[int, int, int]:
-        """Make the running buses match ``configs``; returns (restarted, removed, added)."""
-        self.backoff = backoff
-        wanted: dict[str, BusConfig] = {c.name: c for c in configs}
-        running = set(self.supervised)
-        changed = [n for n, (old, _) in self.supervised.items() if wanted.get(n) != old]
-        for name in changed:
-            log.info("stopping bus for reload", extra=kv(bus=name))
-            await self._stop(name)
-        for _, sup in self.supervised.values():
-            sup.backoff = backoff
-        for config in wanted.values():
-            if config.name not in self.supervised:
-                await self._start(config)
-        removed = running - set(wanted)
-        return len(changed) - len(removed), len(removed), len(set(wanted) - running)
+    async def stop_stage(self, stage: Stage) -> None:
+        """Let the stage's components finish what they accepted, then stop them together."""
+        members = [r for r in self._running.values() if r.spec.stage is stage]
+        async with trio.open_nursery() as nursery:
+            for running in members:
+
+                async def finish(r: _Running = running) -> None:
+                    await r.component.drain()
+                    await self.stop(r.spec.name)
+
+                nursery.start_soon(finish)
 
     async def stop_all(self) -> None:
-        for name in list(self.supervised):
-            await self._stop(name)
+        for stage in Stage:
+            await self.stop_stage(stage)
 
-    def all_supervised(self) -> list[Supervised]:
-        return [sup for _, sup in self.supervised.values()]
+    async def apply(self, wanted: Sequence[ComponentSpec]) -> tuple[int, int, int]:
+        """Make the running components match ``wanted``; returns (restarted, removed, added)."""
+        by_name = {spec.name: spec for spec in wanted}
+        before = set(self._running)
+        changed = [n for n, r in self._running.items() if by_name.get(n) != r.spec]
+        for name in sorted(changed, key=lambda n: self._running[n].spec.stage):
+            log.info("stopping %s for reload", name, extra=kv(component=name))
+            await self.stop(name)
+        for spec in wanted:
+            if spec.name not in self._running:
+                await self.start(spec)
+        removed = before - set(by_name)
+        return len(changed) - len(removed), len(removed), len(set(by_name) - before)
 
-    def statistics(self) -> dict[str, object]:
-        return {
-            name: {**sup.statistics(), "bus": self.instances[name].statistics()}
-            if name in self.instances
-            else sup.statistics()
-            for name, (_, sup) in self.supervised.items()
-        }
+    def all(self) -> list[Supervised]:
+        return [r.component for r in self._running.values()]
+
+    def get(self, name: str) -> Supervised | None:
+        running = self._running.get(name)
+        return running.component if running else None
+
+
+@attrs.frozen
+class GatewayStatistics:
+    hub: HubStatistics
+    components: tuple[SupervisedStatistics, ...]
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RELOADING = "reloading"
+    STOPPING = "stopping"
 
 
 @attrs.define
@@ -137,31 +212,61 @@ class Gateway:
     load_config: Callable[[], Config]
     notifier: Notifier
     hub: Hub
-    buses: Buses
-    stopping: bool = False
-    _root: trio.Nursery | None = None
-    _reload_lock: trio.Lock = attrs.Factory(trio.Lock)
+    components: Components = attrs.Factory(Components)
+    phase: Phase = Phase.STARTING
     ready: trio.Event = attrs.Factory(trio.Event)
     """Set once every component has started (when READY=1 goes to systemd)."""
+    stopped_cleanly: bool = False
+    _tree: trio.Nursery | None = None
+    _reload_scope: trio.CancelScope | None = None
+    _reload_done: trio.Event | None = None
+    _reload_again: bool = False
     _stuck_reported: bool = False
 
     @classmethod
     def create(
         cls, config: Config, load_config: Callable[[], Config], notifier: Notifier
     ) -> Gateway:
-        hub = Hub(config.hub.subscriber_buffer)
-        return cls(config, load_config, notifier, hub, Buses(hub, backoff_of(config)))
+        return cls(config, load_config, notifier, Hub(config.hub.subscriber_buffer))
 
-    async def run(self, extras: Iterable[Extra] = ()) -> None:
-        """Run until a signal stops it. Returns normally after a clean shutdown."""
-        async with trio.open_nursery() as root:
-            self._root = root
-            await root.start(self._signals)
-            await root.start(self.buses.run, self.config.buses)
-            await root.start(self._watchdog)
+    @property
+    def stopping(self) -> bool:
+        return self.phase is Phase.STOPPING
+
+    async def run(self, extras: Iterable[Extra] = (), *, stop_requested: bool = False) -> None:
+        """Run until a signal stops it; returns after a clean shutdown. ``stop_requested``: a
+        SIGTERM came before the loop could handle signals (start, then stop at once). Raises
+        ``StartupError`` when a required component cannot start."""
+        try:
+            with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as outer:
+                    outer.start_soon(self._signals, signals)
+                    try:
+                        if stop_requested:
+                            self._begin_shutdown("SIGTERM")
+                        await self._run_tree(list(extras))
+                    finally:
+                        outer.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            startup, rest = group.split(StartupError)
+            if startup is not None and rest is None:
+                raise _first(startup) from None
+            raise
+        self.stopped_cleanly = True
+
+    async def _run_tree(self, extras: list[Extra]) -> None:
+        async with trio.open_nursery() as tree:
+            self._tree = tree
+            if self.stopping:
+                tree.start_soon(self.shutdown, "SIGTERM")
+            await tree.start(self.components.run, specs(self.config, self.hub))
+            await tree.start(self._watchdog)
             for extra in extras:
-                await root.start(extra, self)
-            await root.start(self._status)
+                await tree.start(extra, self.hub)
+            await tree.start(self._status)
+            if self.stopping:
+                return
+            self.phase = Phase.RUNNING
             status = self.status_line()
             self.notifier.ready(status)
             self.ready.set()
@@ -169,52 +274,109 @@ class Gateway:
 
     # ---- signals, reload, shutdown ----------------------------------------------------------
 
-    async def _signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            task_status.started()
-            async for signum in signals:
-                assert self._root is not None
-                if signum == signal.SIGHUP:
-                    if not self.stopping:
-                        self._root.start_soon(self.reload)
-                elif self.stopping:
-                    if signum == signal.SIGINT:
-                        log.warning("second interrupt: cancelling everything now")
-                        self._root.cancel_scope.cancel()
-                else:
-                    self.stopping = True
-                    self._root.start_soon(self.shutdown, signal.Signals(signum).name)
+    async def _signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                self._request_reload()
+            elif not self.stopping:
+                self._begin_shutdown(name)
+            elif signum == signal.SIGINT:
+                log.warning("second interrupt: cancelling everything now")
+                if self._tree is not None:
+                    self._tree.cancel_scope.cancel()
+            else:
+                log.info("%s while stopping: already stopping", name)
+
+    def _begin_shutdown(self, reason: str) -> None:
+        self.phase = Phase.STOPPING
+        self.notifier.stopping()
+        if self._reload_scope is not None:
+            self._reload_scope.cancel()
+        if self._tree is not None:
+            self._tree.start_soon(self.shutdown, reason)
 
     async def shutdown(self, reason: str = "request") -> None:
-        """Stop accepting work, let components finish within ``shutdown_timeout``, cancel."""
-        assert self._root is not None
-        self.stopping = True
-        self.notifier.stopping()
+        """Stop the components stage by stage within ``shutdown_timeout``, then cancel."""
+        assert self._tree is not None
+        if self.phase is not Phase.STOPPING:
+            self.phase = Phase.STOPPING
+            self.notifier.stopping()
+        if self._reload_scope is not None:
+            self._reload_scope.cancel()
         timeout = self.config.gateway.shutdown_timeout
         log.info("stopping (%s), up to %gs", reason, timeout)
         with trio.move_on_after(timeout) as scope:
-            await self.buses.stop_all()
+            if self._reload_done is not None:
+                await self._reload_done.wait()  # a cancelled reload ends before we stop
+            await self.components.stop_all()
         if scope.cancelled_caught:
             log.warning("shutdown timeout of %gs reached: cancelling what is left", timeout)
-        self._root.cancel_scope.cancel()
+        self._tree.cancel_scope.cancel()
+
+    def _request_reload(self) -> None:
+        if self.stopping:
+            log.info("SIGHUP while stopping: reload ignored")
+        elif self.phase is Phase.STARTING:
+            log.warning("SIGHUP during start-up: reload ignored; send it again once ready")
+        elif self._reload_done is not None:
+            self._reload_again = True  # one more pass after the running one
+        elif self._tree is not None:
+            self._reload_done = trio.Event()
+            self._tree.start_soon(self._reload_task)
+
+    async def _reload_task(self) -> None:
+        assert self._reload_done is not None
+        try:
+            with trio.CancelScope() as self._reload_scope:
+                again = True
+                while again and not self.stopping:
+                    self._reload_again = False
+                    await self.reload()
+                    again = self._reload_again
+        finally:
+            self._reload_scope = None
+            self._reload_done.set()
+            self._reload_done = None
 
     async def reload(self) -> None:
-        async with self._reload_lock:
-            log.info("reloading configuration")
+        """Load the config again (file I/O in a thread) and apply it; an invalid one is
+        rejected and the running config stays. Never overlaps a shutdown."""
+        log.info("reloading configuration")
+        previous = self.phase
+        self.phase = Phase.RELOADING
+        try:
             try:
-                new = self.load_config()
+                new = await trio.to_thread.run_sync(self.load_config, abandon_on_cancel=True)
             except ConfigError as e:
                 for line in e.lines():
                     log.error("reload rejected: %s", line)
                 log.error("reload rejected: keeping the running configuration (fix and reload)")
                 return
+            if self.stopping:
+                return
             self.notifier.reloading()
+            for key in restart_needed(self.config, new):
+                log.warning(
+                    "reload: %s changed; it takes effect only after a restart "
+                    "(systemctl restart edge-gateway)",
+                    key,
+                    extra=kv(key=key),
+                )
             logs.setup(new.logging.level)
-            restarted, removed, added = await self.buses.apply(new.buses, backoff_of(new))
+            restarted, removed, added = await self.components.apply(specs(new, self.hub))
+            for component in self.components.all():
+                component.backoff = supervisor_backoff(new)
+                component.healthy_after = new.supervisor.healthy_after
             self.config = new
+            if self.stopping:
+                return
             status = self.status_line()
             self.notifier.ready(status)
             log.info("reloaded", extra=kv(restarted=restarted, removed=removed, added=added))
+        finally:
+            if self.phase is Phase.RELOADING:
+                self.phase = previous
 
     # ---- health ------------------------------------------------------------------------------
 
@@ -229,7 +391,7 @@ class Gateway:
             now = trio.current_time()
             if now - expected > interval:
                 log.warning("event loop was blocked for %.1fs", now - expected)
-            stuck = [s.name for s in self.buses.all_supervised() if s.stuck(grace)]
+            stuck = [f"{c.kind} {c.name}" for c in self.components.all() if c.stuck(grace)]
             if stuck:
                 if not self._stuck_reported:
                     log.error("withholding watchdog ping: %s stuck", ", ".join(stuck))
@@ -248,18 +410,79 @@ class Gateway:
             now = trio.current_time()
             rate = (self.hub.published - last_count) / max(now - last_time, 1e-9)
             last_count, last_time = self.hub.published, now
-            self.notifier.status(self.status_line(rate))
+            if not self.stopping:
+                self.notifier.status(self.status_line(rate))
+
+    def health(self) -> dict[str, Health]:
+        return {c.name: c.health() for c in self.components.all()}
 
     def status_line(self, rate: float | None = None) -> str:
-        sups = self.buses.all_supervised()
-        up = sum(1 for s in sups if s.state is State.UP)
-        text = f"{up} {'bus' if up == 1 else 'buses'} up, {len(sups) - up} down"
+        groups: dict[str, list[tuple[str, Health]]] = {}
+        for component in self.components.all():
+            groups.setdefault(component.kind, []).append((component.name, component.health()))
+        text = ", ".join(status_of(kind, members) for kind, members in groups.items())
+        text = text or "no components"
         if rate is not None:
             text += f", {rate:.0f} readings/s"
         return text
 
-    def statistics(self) -> dict[str, object]:
-        return {"hub": self.hub.statistics(), "buses": self.buses.statistics()}
+    def statistics(self) -> GatewayStatistics:
+        return GatewayStatistics(
+            self.hub.statistics(), tuple(c.statistics() for c in self.components.all())
+        )
+
+
+PLURALS = {"bus": "buses"}
+REASONS_SHOWN = 3
+REASON_LENGTH = 60
+
+
+def status_of(kind: str, members: list[tuple[str, Health]]) -> str:
+    """``2 buses up, 1 degraded (plc: meter not answering), 1 down (line-1: /dev/ttyUSB9
+    missing)``: the state counts of one kind, with each unhealthy member's reason."""
+    by_state: dict[State, list[tuple[str, Health]]] = {s: [] for s in State}
+    for name, health in members:
+        by_state[health.state].append((name, health))
+    up = len(by_state[State.UP])
+    parts = [f"{up} {PLURALS.get(kind, kind + 's') if up != 1 else kind} up"]
+    for state in (State.DEGRADED, State.STARTING, State.DOWN):
+        unhealthy = by_state[state]
+        if not unhealthy and state is not State.DOWN:
+            continue
+        part = f"{len(unhealthy)} {state.value}"
+        reasons = [f"{name}: {_short(h.reason)}" for name, h in unhealthy if h.reason]
+        if reasons:
+            more = len(reasons) - REASONS_SHOWN
+            shown = "; ".join(reasons[:REASONS_SHOWN]) + (f"; +{more} more" if more > 0 else "")
+            part += f" ({shown})"
+        parts.append(part)
+    return ", ".join(parts)
+
+
+def _short(reason: str | None) -> str:
+    text = " ".join((reason or "").split())
+    return text if len(text) <= REASON_LENGTH else text[: REASON_LENGTH - 3] + "..."
+
+
+def _first(group: BaseExceptionGroup[StartupError]) -> StartupError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, StartupError)
+    return exc
+
+
+def request_plan(config: Config) -> list[str]:
+    """The read requests of every Modbus bus, as ``check-config --plan`` prints them: a
+    heading per bus, then ``drivers.modbus.planner.format_plan``'s lines indented."""
+    lines: list[str] = []
+    for bus in config.buses:
+        if isinstance(bus, ModbusRtuBusConfig | ModbusTcpBusConfig):
+            lines.append(f"request plan of bus {bus.name} ({bus.kind}), addresses 0-based:")
+            lines.extend(f"  {line}" for line in format_plan(bus.name, bus.devices))
+    if not lines:
+        lines.append("request plan: no Modbus buses")
+    return lines
 
 
 def prepare_state_dir(config: Config, source: str) -> Config:

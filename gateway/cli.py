@@ -1,41 +1,101 @@
 """The ``edge-gateway`` command: ``run``, ``check-config``, ``demo``.
 
-Exit status: 0 after a clean stop, 78 (EX_CONFIG) on a config error so that systemd's
-``RestartPreventExitStatus=78`` stops a crash loop, 130 when interrupted during start-up.
+Exit status: 0 after a clean stop; 78 (EX_CONFIG) on a config error, so that systemd's
+``RestartPreventExitStatus=78`` stops a crash loop; 69 (EX_UNAVAILABLE) when a required
+component cannot start (a port in use: systemd retries); 70 (EX_SOFTWARE) after a defect,
+logged at critical priority; 130 when interrupted during start-up.
+
+Knows no driver: the composition root (``gateway.app``) and the config loader do.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 
 import trio
 
-from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
-from drivers.modbus.planner import format_plan
 from gateway import __version__
-from gateway.app import Extra, Gateway, prepare_state_dir
+from gateway.app import Extra, Gateway, prepare_state_dir, request_plan
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
 from gateway.core import logs
+from gateway.core.component import StartupError
 from gateway.sdnotify import Notifier
 
 log = logging.getLogger("gateway")
 
+EX_SOFTWARE = 70
+
 
 def _parser() -> argparse.ArgumentParser:
+    # Descriptions are laid out by hand (exit status tables, examples), so argparse must not
+    # re-wrap them; each subparser needs the formatter too, it is not inherited.
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="edge-gateway",
-        description="Reads plant sensors, serves them over wss, forwards them to SAP CPI.",
+        formatter_class=raw,
+        description=(
+            "Reads plant sensors (Modbus RTU, Modbus TCP, serial-line sensors such as\n"
+            "NMEA 0183) into an in-memory hub. Each sensor bus runs under its own supervisor,\n"
+            "which restarts it with backoff when it fails; the process runs under systemd\n"
+            "(readiness, status line, watchdog, reload on SIGHUP).\n"
+            "\n"
+            "Coming, not there yet: the wss device plane and forwarding every reading to\n"
+            "SAP Cloud Integration (CPI)."
+        ),
+        epilog="'edge-gateway COMMAND --help' says what a command does and its exit statuses.",
     )
     parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"config file (default {DEFAULT_PATH})"
-    run = sub.add_parser("run", help="run the gateway (what the systemd unit starts)")
+    run = sub.add_parser(
+        "run",
+        help="run the gateway (what the systemd unit starts)",
+        formatter_class=raw,
+        description=(
+            "Run the gateway until it is stopped: start every bus in the config and publish\n"
+            "its readings to the hub. Under systemd it reports readiness, a status line and\n"
+            "watchdog pings. SIGHUP reloads the config (an invalid one is rejected and the\n"
+            "running one stays); SIGTERM or Ctrl-C stops it within [gateway]\n"
+            "shutdown_timeout. This is what the systemd unit starts.\n"
+            "\n"
+            "exit status:\n"
+            "  0    stopped cleanly (SIGTERM, or Ctrl-C once started)\n"
+            "  78   config error: the config is invalid or state_dir is unusable\n"
+            "       (the unit does not restart then; fix it, check with check-config)\n"
+            "  69   a required part could not start\n"
+            "  130  interrupted (Ctrl-C) during start-up\n"
+            "\n"
+            "example:\n"
+            "  edge-gateway run --config /etc/edge-gateway/gateway.toml"
+        ),
+    )
     run.add_argument("--config", type=Path, default=DEFAULT_PATH, help=config_help)
-    check = sub.add_parser("check-config", help="validate the config and say what would run")
+    check = sub.add_parser(
+        "check-config",
+        help="validate the config and say what would run",
+        formatter_class=raw,
+        description=(
+            "Validate the config without starting anything, and print what would run: the\n"
+            "gateway, the supervisor's backoff, each bus with its devices and points. An\n"
+            "invalid config gets one line per problem on stderr, each with the path to its\n"
+            "key. With --plan, also print the Modbus read requests of every poll cycle\n"
+            "(nothing is connected to).\n"
+            "\n"
+            "exit status:\n"
+            "  0    the config is valid\n"
+            "  78   config error: the config is invalid or missing\n"
+            "\n"
+            "examples:\n"
+            "  sudo edge-gateway check-config\n"
+            "  edge-gateway check-config --plan --config examples/energy-meter-rtu.toml"
+        ),
+    )
     check.add_argument("--config", type=Path, default=DEFAULT_PATH, help=config_help)
     check.add_argument(
         "--plan",
@@ -43,7 +103,23 @@ def _parser() -> argparse.ArgumentParser:
         help="also print the read requests each Modbus bus sends per poll cycle",
     )
     sub.add_parser(
-        "demo", help="run on embedded defaults with simulated sensors and a Modbus TCP meter"
+        "demo",
+        help="run on embedded defaults with simulated sensors and a Modbus TCP meter",
+        formatter_class=raw,
+        description=(
+            "Run the gateway on embedded defaults, without a config file or hardware:\n"
+            "simulated sensors (bus line-1) and a Modbus TCP energy meter simulated on\n"
+            "localhost (bus plc). The latest value of every point is printed every few\n"
+            "seconds; state goes to a temporary directory. Ctrl-C stops it.\n"
+            "\n"
+            "exit status:\n"
+            "  0    stopped cleanly (Ctrl-C or SIGTERM once started)\n"
+            "  69   a required part could not start\n"
+            "  130  interrupted (Ctrl-C) during start-up\n"
+            "\n"
+            "example:\n"
+            "  edge-gateway demo    (from a checkout: make demo)"
+        ),
     )
     return parser
 
@@ -59,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo()
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a defect: say so at critical priority, exit for systemd to restart
+        log.critical("edge-gateway crashed; please report this traceback", exc_info=True)
+        return EX_SOFTWARE
 
 
 def check_config(path: Path, *, plan: bool = False) -> int:
@@ -75,19 +154,6 @@ def check_config(path: Path, *, plan: bool = False) -> int:
         for line in request_plan(config):
             print(line)
     return 0
-
-
-def request_plan(config: Config) -> list[str]:
-    """The read requests of every Modbus bus, as ``check-config --plan`` prints them: a
-    heading per bus, then ``drivers.modbus.planner.format_plan``'s lines indented."""
-    lines: list[str] = []
-    for bus in config.buses:
-        if isinstance(bus, ModbusRtuBusConfig | ModbusTcpBusConfig):
-            lines.append(f"request plan of bus {bus.name} ({bus.kind}), addresses 0-based:")
-            lines.extend(f"  {line}" for line in format_plan(bus.name, bus.devices))
-    if not lines:
-        lines.append("request plan: no Modbus buses")
-    return lines
 
 
 def run(path: Path) -> int:
@@ -116,6 +182,15 @@ def demo() -> int:
 
 
 def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
+    # Until the gateway's own signal handling runs (and again after it has ended), SIGTERM is
+    # only remembered: one during start-up stops the gateway as soon as it can, one at the
+    # very end is harmless. A default SIGTERM would kill the process (exit 143) mid-stop.
+    terms: list[int] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        terms.append(signum)
+
+    signal.signal(signal.SIGTERM, remember)
     try:
         config = load()  # also what SIGHUP calls, so a reload is checked the same way
     except ConfigError as e:
@@ -129,9 +204,23 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
         return EX_CONFIG
     logs.setup(config.logging.level)
     notifier = Notifier()
+    gateway = Gateway.create(config, load, notifier)
     try:
-        trio.run(Gateway.create(config, load, notifier).run, extras)
+        trio.run(lambda: gateway.run(extras, stop_requested=bool(terms)))
+    except StartupError as e:
+        log.critical("cannot start: %s (exit %d)", e, e.exit_status)
+        return e.exit_status
+    except KeyboardInterrupt:
+        # A Ctrl-C in the instant between the gateway's signal handling ending and trio
+        # returning: the gateway had already stopped.
+        if not gateway.stopped_cleanly:
+            raise
     finally:
+        # From here on the process only exits. Ignored, not handled: at exit the interpreter
+        # resets Python-level handlers to the default, which would let a late SIGTERM kill it
+        # (exit 143) and a late SIGINT raise into an atexit callback.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         notifier.close()
     log.info("stopped")
     return 0

@@ -4,15 +4,23 @@ One TOML file structured by one cattrs converter into frozen attrs classes. Ever
 collected (not just the first) and reported with its path and a hint, e.g.
 ``gateway.toml: buses[1].devices[0].points[3].type: 'flaot32' is not one of int16, ...``.
 Driver sections come from ``drivers.registry``; a new component adds its section class here.
+
+Whatever the file holds, loading it either returns a ``Config`` or raises ``ConfigError``: no
+other exception, no hang (``read_regular_file``), no value that overflows later (non-finite
+numbers, durations and sizes are bounded, nesting is limited).
 """
 
 from __future__ import annotations
 
+import codecs
 import difflib
+import math
 import os
+import pwd
+import stat
 import tomllib
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +40,7 @@ from drivers.registry import KINDS, DriverKind
 from gateway.core.configtypes import (
     ConfigValueError,
     Duration,
+    FileRefused,
     Name,
     Secret,
     Size,
@@ -41,10 +50,18 @@ from gateway.core.configtypes import (
     parse_duration,
     parse_name,
     parse_size,
+    read_regular_file,
+    toml_repr,
 )
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 stops a crash loop
+MAX_CONFIG_FILE = 1024 * 1024
+"""A config file larger than 1 MiB is refused unread: it cannot be a real config."""
+MAX_NESTING = 32
+"""Tables and arrays inside each other; the deepest real key (a point's table) is 5 levels."""
+MAX_INT = 2**63 - 1
+"""TOML's whole numbers are 64-bit; Python's parser accepts more."""
 
 
 def _default_state_dir() -> str:
@@ -54,7 +71,7 @@ def _default_state_dir() -> str:
 
 @attrs.frozen
 class GatewaySection:
-    name: str = "edge-gateway"
+    name: Name = Name("edge-gateway")
     state_dir: str = attrs.field(factory=_default_state_dir)
     shutdown_timeout: Duration = Duration(10.0)
     status_interval: Duration = Duration(5.0)
@@ -100,7 +117,9 @@ class Config:
                     f"({format_duration(s.backoff_initial)})"
                 ),
             )
-        if not Path(self.gateway.state_dir).is_absolute():
+        if "\0" in self.gateway.state_dir:
+            yield "gateway.state_dir", "contains a NUL character: give a directory path"
+        elif not Path(self.gateway.state_dir).is_absolute():
             yield (
                 "gateway.state_dir",
                 (
@@ -138,25 +157,23 @@ class ConfigError(Exception):
 # ---- the converter ------------------------------------------------------------------------
 
 
-def toml_repr(value: object) -> str:
-    """A value as it is written in TOML, for error messages."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
 def _strict(kind: type, label: str) -> Callable[[object, type], object]:
+    numeric = kind in (int, float)
+
     def structure(value: object, _: type) -> object:
         if isinstance(value, bool) and kind is not bool:
             raise ConfigValueError(f"{toml_repr(value)} is not {label}")
+        if numeric and isinstance(value, int) and abs(value) > MAX_INT:
+            raise ConfigValueError(
+                f"{toml_repr(value)} is too large: a whole number is at most {MAX_INT} (64 bits)"
+            )
         if kind is float and isinstance(value, int):
-            return float(value)
+            value = float(value)
         if not isinstance(value, kind):
             raise ConfigValueError(f"{toml_repr(value)} is not {label}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML allows inf and nan; no setting means them, and they break arithmetic later.
+            raise ConfigValueError(f"{toml_repr(value)} is not a finite number: write a number")
         return value
 
     return structure
@@ -209,7 +226,7 @@ def _make_converter(config_dir: Path, kinds: Mapping[str, DriverKind]) -> cattrs
 
     def structure_bus(value: object, _: type) -> object:
         if not isinstance(value, dict):
-            raise ConfigValueError(f"expected a table ([[buses]]), got {value!r}")
+            raise ConfigValueError(f"expected a table ([[buses]]), got {toml_repr(value)}")
         kind = value.get("kind")
         if kind is None:
             raise ConfigValueError(
@@ -217,7 +234,7 @@ def _make_converter(config_dir: Path, kinds: Mapping[str, DriverKind]) -> cattrs
             )
         driver = kinds.get(kind) if isinstance(kind, str) else None
         if driver is None:
-            raise ConfigValueError(f"{kind!r} is not one of {', '.join(kinds)}", "kind")
+            raise ConfigValueError(f"{toml_repr(kind)} is not one of {', '.join(kinds)}", "kind")
         return conv.structure(value, driver.config_type)
 
     conv.register_structure_hook_func(lambda t: t is BusConfig, structure_bus)
@@ -252,8 +269,37 @@ def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
         yield path, "expected a list (e.g. [[buses]] tables, or [ ... ])"
     elif isinstance(exc, (ValueError, TypeError)):
         yield path, str(exc)
+    elif isinstance(exc, RecursionError):
+        yield path, _TOO_DEEP
     else:
-        raise exc
+        # Not expected from the hooks above; still a message with the path, not a traceback.
+        yield path, f"cannot be used ({type(exc).__name__}: {exc})"
+
+
+_TOO_DEEP = (
+    f"tables and arrays nested too deeply (more than {MAX_NESTING} levels): "
+    "no setting nests that deep; check the brackets"
+)
+
+
+def _too_deep(data: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """The top-level keys under which tables and arrays nest deeper than ``MAX_NESTING``.
+    Walked without recursion, so that the depth itself cannot overflow the stack."""
+    for key, top in data.items():
+        stack: list[tuple[object, int]] = [(top, 1)]
+        while stack:
+            value, depth = stack.pop()
+            children: Iterable[object]
+            if isinstance(value, dict):
+                children = value.values()
+            elif isinstance(value, list):
+                children = value
+            else:
+                continue
+            if depth > MAX_NESTING:
+                yield key, _TOO_DEEP
+                break
+            stack.extend((child, depth + 1) for child in children)
 
 
 def parse_config(
@@ -264,33 +310,170 @@ def parse_config(
     kinds: Mapping[str, DriverKind] = KINDS,
 ) -> Config:
     """Parse and validate config text; raises ``ConfigError`` listing every problem."""
+    text = text.removeprefix("\ufeff")  # a byte order mark, as Notepad writes it
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, [("", f"TOML syntax error: {e}")]) from None
+    except RecursionError:
+        # tomllib recurses per level; where it gives up depends on the caller's stack.
+        raise ConfigError(source, [("", _TOO_DEEP)]) from None
+    except ValueError as e:
+        # tomllib turns digits into int(); Python refuses more than 4300 digits.
+        message = (
+            "a number has thousands of digits: whole numbers in TOML are 64-bit (at most 19 digits)"
+            if "digits" in str(e)
+            else f"cannot be parsed: {e}"
+        )
+        raise ConfigError(source, [("", message)]) from None
+    problems = list(_too_deep(data))
+    if problems:
+        raise ConfigError(source, problems)
     conv = _make_converter(config_dir or Path.cwd(), kinds)
     try:
         config = conv.structure(data, Config)
     except (ClassValidationError, IterableValidationError) as e:
         raise ConfigError(source, list(_problems(e, ""))) from None
+    except RecursionError:
+        raise ConfigError(source, [("", _TOO_DEEP)]) from None
     problems = list(config.check())
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def load_config(path: Path, *, kinds: Mapping[str, DriverKind] = KINDS) -> Config:
+def decode_config(data: bytes) -> str:
+    """The text of a config file: UTF-8, with or without a byte order mark. Raises
+    ``ValueError`` with what to do for UTF-16/32 (Notepad's "Unicode") and other encodings."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise ValueError("is UTF-32 text: save it as UTF-8")
+    # Without a byte order mark, ASCII text in UTF-16 has a NUL byte next to every character.
+    utf16_without_bom = len(data) >= 2 and (data[0] == 0) != (data[1] == 0)
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or utf16_without_bom:
+        raise ValueError(
+            'is UTF-16 text (Notepad calls it "Unicode"): save it as UTF-8 '
+            '(in Notepad: File, Save as, Encoding "UTF-8")'
+        )
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        text = path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"is not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}, column {column}): "
+            "save it as UTF-8"
+        ) from None
+
+
+def load_config(
+    path: Path,
+    *,
+    kinds: Mapping[str, DriverKind] = KINDS,
+    check_state_dir: bool = False,
+) -> Config:
+    """Read, parse and validate the config file; raises ``ConfigError`` for every failure.
+
+    With ``check_state_dir`` (``check-config``), ``state_dir_problems`` are problems too.
+    """
+    source = str(path)
+    try:
+        text = decode_config(_read(path))
+        config = parse_config(text, source, config_dir=path.parent.resolve(), kinds=kinds)
+    except ValueError as e:  # decode_config says what the encoding is and what to do
+        raise ConfigError(source, [("", str(e))]) from None
+    except MemoryError:
+        raise ConfigError(source, [("", "cannot read: out of memory")]) from None
+    if check_state_dir:
+        problems = state_dir_problems(config)
+        if problems:
+            raise ConfigError(source, problems)
+    return config
+
+
+def _read(path: Path) -> bytes:
+    def error(message: str) -> ConfigError:
+        return ConfigError(str(path), [("", message)])
+
+    try:
+        return read_regular_file(path, MAX_CONFIG_FILE)
     except FileNotFoundError:
-        raise ConfigError(
-            str(path), [("", "file not found: create it (see examples/) or pass --config PATH")]
+        raise error("file not found: create it (see examples/) or pass --config PATH") from None
+    except FileRefused as e:
+        raise error(f"{e}: pass the path of the TOML config file") from None
+    except PermissionError as e:
+        raise error(
+            f"cannot read: {e.strerror}: let the gateway's user read it "
+            "(or run check-config with sudo)"
         ) from None
     except OSError as e:
-        raise ConfigError(str(path), [("", f"cannot read: {e.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), [("", "not UTF-8 text")]) from None
-    return parse_config(text, str(path), config_dir=path.parent.resolve(), kinds=kinds)
+        raise error(f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL in the path
+        raise error(f"cannot read: {e}") from None
+
+
+def state_dir_message(path: str, reason: str) -> str:
+    """The problem with an unusable ``gateway.state_dir``, the same for ``check-config``
+    (``state_dir_problems``) and for ``run``, which finds it when creating the directory."""
+    return (
+        f"{path!r} is not a writable directory ({reason}): create it for the gateway's user, "
+        "or use systemd's StateDirectory="
+    )
+
+
+def _user() -> str:
+    try:
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:  # a uid without a passwd entry (containers)
+        return f"uid {os.geteuid()}"
+
+
+def _state_dir_reason(path: Path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not there (yet): can it be created?
+    except (OSError, ValueError) as e:
+        return f"cannot check it: {getattr(e, 'strerror', None) or e}"
+    else:
+        if not stat.S_ISDIR(mode):
+            return "it exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{_user()} cannot write to it"
+        return None
+    for parent in path.parents:
+        try:
+            mode = os.stat(parent).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except (OSError, ValueError) as e:
+            return f"cannot check {str(parent)!r}: {getattr(e, 'strerror', None) or e}"
+        if not stat.S_ISDIR(mode):
+            return f"it cannot be created: {str(parent)!r} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"it does not exist, and {_user()} cannot create it in {str(parent)!r}"
+        return None
+    return "no parent directory exists"
+
+
+def state_dir_problems(config: Config) -> list[tuple[str, str]]:
+    """Whether ``gateway.state_dir`` can be used, as far as the user running this can tell
+    without creating anything: it is a directory this user may write to, or it does not exist
+    yet and its nearest existing parent is one (so ``run`` can create it)."""
+    path = config.gateway.state_dir
+    reason = _state_dir_reason(Path(path))
+    return [("gateway.state_dir", state_dir_message(path, reason))] if reason else []
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys that changed from ``old`` to ``new`` but that a reload cannot apply (they are
+    read only at start), for the reload to warn about each."""
+    read_at_start: dict[str, Callable[[Config], object]] = {
+        "gateway.name": lambda c: c.gateway.name,
+        "gateway.state_dir": lambda c: c.gateway.state_dir,
+        "hub.subscriber_buffer": lambda c: c.hub.subscriber_buffer,
+    }
+    return [key for key, value in read_at_start.items() if value(old) != value(new)]
 
 
 def summary(config: Config) -> list[str]:
@@ -305,7 +488,14 @@ def summary(config: Config) -> list[str]:
     for bus in config.buses:
         topics = list(bus.topics())
         devices = len({t.split("/")[1] for t in topics})
-        lines.append(f"bus {bus.name} ({bus.kind}): {devices} devices, {len(topics)} points")
+        lines.append(
+            f"bus {bus.name} ({bus.kind}) at {bus.describe()}: "
+            f"{_count(devices, 'device')}, {_count(len(topics), 'point')}"
+        )
     if not config.buses:
         lines.append("no buses configured: the gateway will start but read nothing")
     return lines
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"

@@ -16,12 +16,9 @@ import tempfile
 import attrs
 import trio
 
-from drivers.base import BusConfig
-from drivers.modbus.config import ModbusTcpBusConfig
-from gateway.app import Gateway
 from gateway.config import Config, parse_config
 from gateway.core.reading import Value
-from gateway.hub import OverflowPolicy
+from gateway.hub import Hub, OverflowPolicy
 
 log = logging.getLogger("gateway.demo")
 
@@ -77,24 +74,19 @@ points = [
 ]
 """  # noqa: E501 (an inline TOML table cannot be split over lines)
 PLC_BUS = "plc"
+PLC_SECTION = "# The energy meter of gateway.simulator"
 
 
 def demo_config(state_dir: str, *, plc_port: int | None = None) -> Config:
     """The demo config with its state in ``state_dir``; the ``plc`` bus polls the simulated
     meter on ``127.0.0.1:plc_port``, and is left out without a port."""
-    config = parse_config(DEMO_CONFIG, "demo config")
-    buses: list[BusConfig] = []
-    for bus in config.buses:
-        if isinstance(bus, ModbusTcpBusConfig) and bus.name == PLC_BUS:
-            if plc_port is None:
-                continue
-            bus = attrs.evolve(bus, port=plc_port)
-        buses.append(bus)
-    return attrs.evolve(
-        config,
-        gateway=attrs.evolve(config.gateway, state_dir=state_dir),
-        buses=tuple(buses),
-    )
+    text = DEMO_CONFIG
+    if plc_port is None:
+        text = text[: text.index(PLC_SECTION)]
+    else:
+        text = text.replace("port = 502", f"port = {plc_port}")
+    config = parse_config(text, "demo config")
+    return attrs.evolve(config, gateway=attrs.evolve(config.gateway, state_dir=state_dir))
 
 
 def show(value: Value) -> str:
@@ -105,10 +97,10 @@ def show(value: Value) -> str:
     return str(value)
 
 
-async def console(gateway: Gateway, *, task_status: trio.TaskStatus[None]) -> None:
+async def console(hub: Hub, *, task_status: trio.TaskStatus[None]) -> None:
     """Log the latest value of every point every few seconds."""
     latest: dict[str, str] = {}
-    with gateway.hub.subscribe("demo-console", ["#"], policy=OverflowPolicy.DROP_OLDEST) as sub:
+    with hub.subscribe("demo-console", ["#"], policy=OverflowPolicy.DROP_OLDEST) as sub:
         task_status.started()
         deadline = trio.current_time() + 3
         while True:

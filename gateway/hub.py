@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 import attrs
@@ -37,6 +37,23 @@ class Delivery:
 
     readings: list[Reading]
     dropped: int = 0
+
+
+@attrs.frozen
+class SubscriptionStatistics:
+    patterns: tuple[str, ...]
+    policy: str
+    buffered: int
+    maxlen: int
+    delivered: int
+    dropped: int
+
+
+@attrs.frozen
+class HubStatistics:
+    published: int
+    subscribers: Mapping[str, SubscriptionStatistics]
+    """By subscriber name (names need not be unique; the last one of a name is shown)."""
 
 
 class Subscription:
@@ -118,15 +135,20 @@ class Subscription:
         raise trio.WouldBlock
 
     async def receive(self) -> Delivery:
-        """Wait for at least one reading (or a gap) and return all that are waiting."""
+        """Wait for at least one reading (or a gap) and return all that are waiting.
+
+        Cancel-safe, as trio's channels are: a cancelled ``receive`` has taken nothing. It
+        checks for cancellation before taking anything, and after taking it yields only
+        through a shielded checkpoint, so the readings it took are always returned."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 delivery = self.receive_nowait()
             except trio.WouldBlock:
-                await self._wakeup.wait()
+                await self._wakeup.wait()  # cancelled here: nothing was taken
                 self._wakeup = trio.Event()
                 continue
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return delivery
 
     def __aiter__(self) -> Subscription:
@@ -138,15 +160,15 @@ class Subscription:
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
-    def statistics(self) -> dict[str, object]:
-        return {
-            "patterns": list(self.patterns),
-            "policy": self.policy.value,
-            "buffered": len(self._buffer),
-            "maxlen": self.maxlen,
-            "delivered": self.delivered,
-            "dropped": self.dropped,
-        }
+    def statistics(self) -> SubscriptionStatistics:
+        return SubscriptionStatistics(
+            patterns=self.patterns,
+            policy=self.policy.value,
+            buffered=len(self._buffer),
+            maxlen=self.maxlen,
+            delivered=self.delivered,
+            dropped=self.dropped,
+        )
 
 
 class Hub:
@@ -200,8 +222,8 @@ class Hub:
         for reading in readings:
             self.publish(reading)
 
-    def statistics(self) -> dict[str, object]:
-        return {
-            "published": self.published,
-            "subscribers": {s.name: s.statistics() for s in self._subs.values()},
-        }
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            published=self.published,
+            subscribers={s.name: s.statistics() for s in self._subs.values()},
+        )

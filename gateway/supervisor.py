@@ -1,109 +1,173 @@
-"""Restart components that fail, with exponential backoff and full jitter.
+"""Run one component under supervision: restart it with backoff when it fails or stalls.
 
-``Backoff`` is the pure policy. ``Supervised`` runs one component (a bus, later the forwarder
-and servers) in its own cancel scope: it restarts it after a failure or a stall (no progress
-for too long), resets the backoff after a period of health, and reports its health for the
-STATUS line, the watchdog and, later, ``/metrics``. One failing component never affects
-another: each has its own task and its own scope.
+``Supervised`` is the component the composition root sees for every bus (and later for the
+outbox, forwarder and servers). Each attempt builds a fresh *part* (a bus driver instance...)
+and runs it in its own cancel scope. A failure or a stall (no progress for too long) is
+logged and the part is restarted after a delay from ``gateway.core.backoff``; the count of
+consecutive failures resets after ``healthy_after`` of health. One failing component never
+affects another: each has its own task and its own scope.
+
+Start policy: a *supervised* component reports started after its first attempt came up or
+failed, so one broken bus never holds back READY=1. A *required* component whose first
+attempt fails before it is ready raises ``StartupError``: the process ends with a clear
+message; once it has been up, it is restarted like any other.
+
+Health comes from the supervisor (starting, backing off after a failure) and, while the part
+runs, from the part's own ``condition()`` (a bus whose port is missing is down even though
+its task runs).
 """
 
 from __future__ import annotations
 
-import enum
+import collections
 import logging
 import random
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 import trio
 
+from gateway.core.backoff import Backoff
+from gateway.core.component import Condition, Health, StartPolicy, StartupError, State
 from gateway.core.logs import kv
 
 log = logging.getLogger("gateway.supervisor")
 
-
-@attrs.frozen
-class Backoff:
-    """Delay before restart number ``failures`` (1-based): uniform in
-    ``[0, min(maximum, initial * 2**(failures-1))]`` ("full jitter")."""
-
-    initial: float = 1.0
-    maximum: float = 60.0
-    healthy_after: float = 30.0
-
-    def ceiling(self, failures: int) -> float:
-        return min(self.maximum, self.initial * 2.0 ** min(max(failures - 1, 0), 62))
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        return rng.uniform(0, self.ceiling(failures))
+DELAYS_KEPT = 32
+"""Backoff delays kept for statistics and tests (the most recent ones)."""
 
 
-class State(enum.Enum):
-    STARTING = "starting"
-    UP = "up"
-    BACKOFF = "backoff"
-    STOPPED = "stopped"
+class Part(Protocol):
+    """One attempt of a supervised component: a bus driver instance, for example."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; call ``task_status.started()`` when ready."""
+        ...
+
+    def condition(self) -> Condition: ...
+
+    def statistics(self) -> object: ...
+
+
+MakePart = Callable[[Callable[[], None]], Part]
+"""``make(progress)``: a fresh part for each attempt; it calls ``progress()`` as it works."""
 
 
 class ComponentStalled(Exception):
     pass
 
 
-# A component: an async callable taking task_status and a progress callback; it calls
-# task_status.started() when it is ready and runs until cancelled or it fails.
-ComponentFn = Callable[..., Awaitable[None]]
+@attrs.frozen
+class SupervisedStatistics:
+    name: str
+    kind: str
+    health: Health
+    failures: int
+    """Consecutive failures (reset after ``healthy_after`` of health)."""
+    total_failures: int
+    restarts: int
+    part: object | None
+    """The current attempt's own ``statistics()``, None between attempts."""
 
 
 class Supervised:
     def __init__(
         self,
         name: str,
-        run: Callable[[Callable[[], None]], ComponentFn],
+        make: MakePart,
         backoff: Backoff,
         *,
+        kind: str = "bus",
+        policy: StartPolicy = StartPolicy.SUPERVISED,
+        healthy_after: float = 30.0,
         stall_after: float | None = None,
         rng: random.Random | None = None,
         context: dict[str, str] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``run(progress)`` builds a fresh component for each attempt."""
         self.name = name
-        self._make = run
+        self.kind = kind
+        self.policy = policy
+        self._make = make
         self.backoff = backoff
+        self.healthy_after = healthy_after
         self.stall_after = stall_after
         self._rng = rng or random.Random()
-        self._context = context or {}
+        self._context = context or {kind: name}
+        self._wall_clock = wall_clock
         self.state = State.STARTING
-        self.since = trio.current_time()
-        self.last_progress = self.since
-        self.failures = 0  # consecutive, reset after health
+        self.last_progress = trio.current_time()
+        self.failures = 0
         self.total_failures = 0
         self.restarts = 0
         self.last_error: str | None = None
-        self.delays: list[float] = []  # backoff delays taken, for tests and statistics
+        self.delays: collections.deque[float] = collections.deque(maxlen=DELAYS_KEPT)
+        self.part: Part | None = None
+        self._stalled = False
+        self._stopped = False
         self._cancel_scope: trio.CancelScope | None = None
+        self._observed = Condition(State.STARTING)
+        self._observed_since = wall_clock()
+
+    # ---- health ------------------------------------------------------------------------------
 
     def progress(self) -> None:
         self.last_progress = trio.current_time()
 
+    def _condition(self) -> Condition:
+        if self.state is State.UP and self.part is not None:
+            return self.part.condition()
+        if self._stopped:
+            return Condition(State.DOWN, "stopped")
+        if self.state is State.DOWN:
+            return Condition(State.DOWN, self.last_error)
+        return Condition(self.state)
+
+    def health(self) -> Health:
+        """The component's health; ``since`` is when its state or reason last changed."""
+        current = self._condition()
+        if current != self._observed:
+            self._observed = current
+            self._observed_since = self._wall_clock()
+        return Health(current.state, self._observed_since, current.reason, self.last_error)
+
     def _set(self, state: State) -> None:
         self.state = state
-        self.since = trio.current_time()
+        self.health()  # note the change now, so ``since`` is exact
 
     def stuck(self, grace: float) -> bool:
-        """True when the component is up without progress well past ``stall_after``: the
+        """True when the part runs without progress well past ``stall_after``: the
         supervisor should have restarted it by now, so the supervisor itself is stuck."""
         if self.stall_after is None or self.state is not State.UP:
             return False
         return trio.current_time() - self.last_progress > self.stall_after + grace
 
+    def statistics(self) -> SupervisedStatistics:
+        return SupervisedStatistics(
+            name=self.name,
+            kind=self.kind,
+            health=self.health(),
+            failures=self.failures,
+            total_failures=self.total_failures,
+            restarts=self.restarts,
+            part=self.part.statistics() if self.part is not None else None,
+        )
+
+    # ---- running -----------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Nothing to finish: a producer stops when cancelled."""
+        await trio.lowlevel.checkpoint()
+
     def stop(self) -> None:
-        """Cancel the component and the supervision loop."""
+        """Cancel the part and the supervision loop."""
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Supervise until cancelled. Reports started after the first attempt has either come
-        up or failed, so one broken bus never holds back READY=1."""
+        """Supervise until cancelled."""
         reported = False
         with trio.CancelScope() as self._cancel_scope:
             try:
@@ -114,11 +178,14 @@ class Supervised:
                     up_at: float | None = None
                     try:
                         async with trio.open_nursery() as nursery:
-                            await nursery.start(self._make(self.progress))
+                            self.part = self._make(self.progress)
+                            await nursery.start(self.part.run)
                             up_at = trio.current_time()
                             self._set(State.UP)
                             if self.failures:
-                                log.info("%s is up again", self.name, extra=kv(**self._context))
+                                log.info(
+                                    "%s %s is up again", self.kind, self.name, extra=self._kv()
+                                )
                             if not reported:
                                 reported = True
                                 task_status.started()
@@ -130,19 +197,25 @@ class Supervised:
                             )
                         raise RuntimeError("component returned; it should run until cancelled")
                     except Exception as exc:  # a component failure, never Cancelled
+                        if not reported and self.policy is StartPolicy.REQUIRED:
+                            raise self._startup_error(exc) from None
                         healthy_for = 0.0 if up_at is None else trio.current_time() - up_at
                         delay = self._failed(exc, healthy_for)
+                    finally:
+                        self.part = None
                     if not reported:
                         reported = True
                         task_status.started()
-                    self._set(State.BACKOFF)
+                    self._set(State.DOWN)
                     self.delays.append(delay)
                     await trio.sleep(delay)
                     self.restarts += 1
             finally:
-                self._set(State.STOPPED)
+                self._stopped = True
+                self._set(State.DOWN)
 
-    _stalled = False
+    def _kv(self, **more: object) -> dict[str, object]:
+        return kv(**self._context, **more)
 
     async def _watch_stall(self, scope: trio.CancelScope) -> None:
         assert self.stall_after is not None
@@ -154,36 +227,38 @@ class Supervised:
                 return
             await trio.sleep_until(deadline)
 
+    def _startup_error(self, exc: BaseException) -> StartupError:
+        exc = _unwrap(exc)
+        if isinstance(exc, StartupError):
+            return exc
+        return StartupError(f"{self.kind} {self.name} cannot start: {describe_error(exc)}")
+
     def _failed(self, exc: BaseException, healthy_for: float) -> float:
-        # The per-attempt nursery wraps the component's error; log the error itself.
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if healthy_for >= self.backoff.healthy_after:
+        exc = _unwrap(exc)
+        if healthy_for >= self.healthy_after:
             self.failures = 0
         self.failures += 1
         self.total_failures += 1
-        self.last_error = _describe(exc)
+        self.last_error = describe_error(exc)
         delay = self.backoff.delay(self.failures, self._rng)
-        fields = kv(**self._context, failures=self.failures, restart_in=f"{delay:.1f}s")
+        fields = self._kv(failures=self.failures, restart_in=f"{delay:.1f}s")
+        what = f"{self.kind} {self.name}"
         if self.failures == 1:
-            log.error("%s failed: %s", self.name, self.last_error, exc_info=exc, extra=fields)
+            log.error("%s failed: %s", what, self.last_error, exc_info=exc, extra=fields)
         else:
-            log.error("%s failed again: %s", self.name, self.last_error, extra=fields)
+            log.error("%s failed again: %s", what, self.last_error, extra=fields)
         return delay
 
-    def statistics(self) -> dict[str, object]:
-        return {
-            "state": self.state.value,
-            "since": self.since,
-            "failures": self.failures,
-            "total_failures": self.total_failures,
-            "restarts": self.restarts,
-            "last_error": self.last_error,
-        }
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # The per-attempt nursery wraps the part's error; report the error itself.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_describe(e) for e in exc.exceptions)
+        return "; ".join(describe_error(e) for e in exc.exceptions)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -134,26 +134,24 @@ class NotifySocket:
                     f"no matching sd_notify message within {timeout}s; got {self.messages!r}"
                 )
 
-    def collect(self, seconds: float) -> list[str]:
-        """Everything that arrives within ``seconds`` (of ``time.monotonic``) from now."""
-        self.drain()
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            self._receive(remaining)
-        return self.drain()
-
 
 class Daemon:
     """``edge-gateway ARGS`` (``run``, ``demo``) in a subprocess; a thread collects stderr."""
 
     def __init__(
-        self, args: Sequence[str], notify: NotifySocket | None, env: dict[str, str]
+        self,
+        args: Sequence[str],
+        notify: NotifySocket | None,
+        env: dict[str, str],
+        *,
+        command: Sequence[str] | None = None,
     ) -> None:
+        """Runs ``edge-gateway ARGS``, or ``command`` when given (a test's own script)."""
         self.notify = notify
         if notify is not None:
             env = {"NOTIFY_SOCKET": notify.address, **env}
         self.proc = subprocess.Popen(
-            gateway_command(*args),
+            list(command) if command is not None else gateway_command(*args),
             cwd=ROOT,
             env=gateway_env(**env),
             stdin=subprocess.DEVNULL,
@@ -280,6 +278,22 @@ def daemon(notify_listener: NotifySocket) -> Iterator[Callable[..., Daemon]]:
 
     def start(config: Path, notify: NotifySocket | None = notify_listener, **env: str) -> Daemon:
         d = Daemon(["run", "--config", str(config)], notify, env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture
+def daemon_command(notify_listener: NotifySocket) -> Iterator[Callable[..., Daemon]]:
+    """``start(command, **env)``: a test's own script running the gateway, with a notify
+    socket; killed at teardown."""
+    started: list[Daemon] = []
+
+    def start(command: Sequence[str], **env: str) -> Daemon:
+        d = Daemon([], notify_listener, env, command=command)
         started.append(d)
         return d
 

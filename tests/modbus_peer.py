@@ -1,5 +1,11 @@
-"""pymodbus's own server as an independent Modbus peer, run in a thread with its own asyncio
-loop (pymodbus is asyncio; the gateway under test is Trio)."""
+"""Modbus peers for the driver's tests.
+
+- ``ModbusPeer``: pymodbus's own server as an independent Modbus peer, run in a thread with its
+  own asyncio loop (pymodbus is asyncio; the gateway under test is Trio).
+- ``LoopbackPeer``: a small hand-written Modbus TCP device on loopback, a task in the test's
+  own Trio loop (so it also runs under the mock clock), for what pymodbus cannot do on
+  demand: answer late, send stale bytes, go away and come back on the same port.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ import asyncio
 import concurrent.futures
 import socket
 import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Literal
 
+import trio
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -146,3 +153,116 @@ class ModbusPeer:
         self._thread.join(10)
         self._loop = None
         self._server = None
+
+
+def crc16(data: bytes) -> bytes:
+    """Modbus RTU CRC (poly 0xA001 reflected, init 0xFFFF), low byte first; written out here
+    so the peer does not share code with the driver under test."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc.to_bytes(2, "little")
+
+
+class LoopbackPeer:
+    """A Modbus TCP device answering reads of holding/input registers (functions 3 and 4):
+    register ``a`` holds ``registers(unit, a)`` (by default ``a`` itself), so an answer says
+    which request it belongs to. ``framing``: ``"mbap"`` or ``"rtu"`` (RTU frames over TCP, as
+    a serial device server passes them).
+
+    ``await nursery.start(peer.serve)`` listens on 127.0.0.1 (``peer.port``); ``await
+    peer.close()`` closes the listener and every connection (the device is off: connects are
+    refused); ``serve`` again listens on the same port. Misbehaviour on demand:
+
+    - ``silent_units``: requests to these units get no answer;
+    - ``hold_next``: the answer to the next request is held back and sent on the same
+      connection just before the answer to the request after it (a late answer);
+    - ``send_raw(data)``: bytes out of the blue on the newest connection.
+    """
+
+    def __init__(self, framing: Literal["mbap", "rtu"] = "mbap") -> None:
+        self.framing = framing
+        self.port = 0
+        self.silent_units: set[int] = set()
+        self.hold_next = False
+        self.registers: Callable[[int, int], int] = lambda unit, address: address
+        self.requests: list[tuple[int, int]] = []
+        """(unit, address) of every request received."""
+        self.connections = 0
+        self._streams: list[trio.SocketStream] = []
+        self._scope: trio.CancelScope | None = None
+        self._closed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._closed = trio.Event()
+        try:
+            with trio.CancelScope() as self._scope:
+                listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+                self.port = listeners[0].socket.getsockname()[1]
+                await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+        finally:
+            self._streams.clear()
+            self._closed.set()
+
+    async def close(self) -> None:
+        """Close the listener and every connection; returns once they are closed."""
+        assert self._scope is not None
+        self._scope.cancel()
+        await self._closed.wait()
+
+    async def send_raw(self, data: bytes) -> None:
+        await self._streams[-1].send_all(data)
+
+    def answer(self, unit: int, function: int, address: int, count: int) -> bytes:
+        """The answer to a read, framed (without MBAP header: ``_frame`` adds it)."""
+        values = b"".join(
+            (self.registers(unit, address + i) & 0xFFFF).to_bytes(2, "big") for i in range(count)
+        )
+        return bytes([unit, function, 2 * count]) + values
+
+    def frame(self, adu: bytes, transaction_id: int = 0) -> bytes:
+        if self.framing == "rtu":
+            return adu + crc16(adu)
+        return transaction_id.to_bytes(2, "big") + b"\x00\x00" + len(adu).to_bytes(2, "big") + adu
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self._streams.append(stream)
+        buffer = bytearray()
+        held: bytes | None = None
+        while data := await stream.receive_some(4096):
+            buffer += data
+            while (request := self._take_request(buffer)) is not None:
+                tid, unit, function, address, count = request
+                self.requests.append((unit, address))
+                if unit in self.silent_units:
+                    continue
+                answer = self.frame(self.answer(unit, function, address, count), tid)
+                if self.hold_next:
+                    self.hold_next = False
+                    held = answer
+                    continue
+                if held is not None:
+                    answer, held = held + answer, None
+                await stream.send_all(answer)
+
+    def _take_request(self, buffer: bytearray) -> tuple[int, int, int, int, int] | None:
+        """(transaction id, unit, function, address, count) of a complete read request:
+        MBAP header (7 bytes, unit last) + PDU (5 bytes), or unit + PDU + CRC (8 bytes)."""
+        mbap = self.framing == "mbap"
+        size = 12 if mbap else 8
+        if len(buffer) < size:
+            return None
+        request = bytes(buffer[:size])
+        del buffer[:size]
+        if not mbap:
+            assert crc16(request[:6]) == request[6:], "request with a bad CRC"
+        tid = int.from_bytes(request[:2], "big") if mbap else 0
+        adu = request[6:] if mbap else request[:6]
+        unit, function = adu[0], adu[1]
+        assert function in (3, 4), f"LoopbackPeer reads only registers, got function {function}"
+        address = int.from_bytes(adu[2:4], "big")
+        count = int.from_bytes(adu[4:6], "big")
+        return tid, unit, function, address, count

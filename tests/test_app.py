@@ -1,19 +1,36 @@
-"""The composition root in-process: reload restarts only what changed; clean shutdown."""
+"""The composition root: components through one model, reload restarts only what changed,
+truthful STATUS lines, and shutdown that excludes reload and survives signals at any moment.
+
+In-process tests call what the signal handler calls; tests that need real signals run the
+gateway in a subprocess (a signal sent to the pytest process itself would end the whole run
+if handling regressed).
+"""
 
 from __future__ import annotations
 
-import os
 import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
-import trio.lowlevel
 import trio.testing
 
-from gateway.app import Gateway
-from gateway.config import Config, parse_config
+from gateway import app, cli
+from gateway.app import ComponentSpec, Gateway, Stage, status_of
+from gateway.config import Config, ConfigError, parse_config
+from gateway.core.backoff import Backoff
+from gateway.core.component import Health, StartPolicy, StartupError, State
+from gateway.hub import Hub
 from gateway.sdnotify import Notifier
+from gateway.supervisor import Supervised
+
+if TYPE_CHECKING:
+    from conftest import Daemon, NotifySocket
 
 BUS = """
 [[buses]]
@@ -26,9 +43,9 @@ points = [{{ name = "p", signal = "counter" }}]
 """
 
 
-def config_text(tmp_path: Path, **intervals: str) -> str:
-    head = f'[gateway]\nstate_dir = "{tmp_path}"\nstatus_interval = "1s"\n'
-    return head + "".join(BUS.format(name=n, interval=i) for n, i in intervals.items())
+def config_text(tmp_path: Path, *, head: str = "", **intervals: str) -> str:
+    text = f'[gateway]\nstate_dir = "{tmp_path}"\nstatus_interval = "1s"\n{head}'
+    return text + "".join(BUS.format(name=n, interval=i) for n, i in intervals.items())
 
 
 class Source:
@@ -41,6 +58,21 @@ class Source:
         return parse_config(self.text)
 
 
+class RecordingNotifier(Notifier):
+    """The sd_notify messages, in order, without a socket."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.messages: list[str] = []
+
+    def notify(self, *lines: str) -> None:
+        self.messages.append("\n".join(lines))
+
+
+def states(gw: Gateway) -> dict[str, str]:
+    return {name: h.state.value for name, h in gw.health().items()}
+
+
 async def test_reload_restarts_only_changed_buses(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -49,42 +81,59 @@ async def test_reload_restarts_only_changed_buses(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.run)
         await trio.sleep(2.5)
-        before = {name: sup for name, (_, sup) in gw.buses.supervised.items()}
+        before = {c.name: c for c in gw.components.all()}
         assert gw.status_line() == "3 buses up, 0 down"
 
         # b changes, c goes away, d is new; a is untouched.
         source.text = config_text(tmp_path, a="1s", b="2s", d="1s")
         await gw.reload()
-        after = {name: sup for name, (_, sup) in gw.buses.supervised.items()}
+        after = {c.name: c for c in gw.components.all()}
         assert sorted(after) == ["a", "b", "d"]
         assert after["a"] is before["a"]
         assert after["b"] is not before["b"]
-        assert before["b"].state.value == "stopped"
-        assert before["c"].state.value == "stopped"
-        assert gw.config.buses[1].devices[0].interval == 2.0
+        assert before["b"].health().reason == "stopped"
+        assert before["c"].health().reason == "stopped"
+        assert gw.config.buses[1].devices[0].interval == 2.0  # type: ignore[attr-defined]
 
         # An invalid config is rejected; the running one stays.
         source.text = "[gateway]\nshutdown_timeout = 5\n"
         await gw.reload()
-        assert gw.buses.supervised["a"][1] is after["a"]
-        assert sorted(gw.buses.supervised) == ["a", "b", "d"]
+        assert gw.components.get("a") is after["a"]
+        assert sorted(c.name for c in gw.components.all()) == ["a", "b", "d"]
 
         await trio.sleep(2)
-        counts = gw.hub.statistics()
-        assert isinstance(counts["published"], int)
-        assert counts["published"] > 0
+        stats = gw.statistics()
+        assert stats.hub.published > 0
+        assert [c.name for c in stats.components] == ["a", "b", "d"]
+        assert all(c.health.state is State.UP for c in stats.components)
         await gw.shutdown("test")
-    assert all(sup.state.value == "stopped" for sup in after.values())
+    assert all(c.health().reason == "stopped" for c in after.values())
+
+
+async def test_reload_warns_about_keys_that_need_a_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = Source(config_text(tmp_path, a="1s"))
+    gw = Gateway.create(source.load(), source.load, Notifier({}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        source.text = config_text(
+            tmp_path, head='name = "renamed"\n[hub]\nsubscriber_buffer = 7\n', a="1s"
+        )
+        await gw.reload()
+        nursery.cancel_scope.cancel()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for key in ("gateway.name", "hub.subscriber_buffer"):
+        assert any(
+            f"reload: {key} changed; it takes effect only after a restart" in w for w in warned
+        ), (key, warned)
 
 
 async def test_shutdown_gives_up_after_the_timeout(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    source = Source(
-        config_text(tmp_path, a="1s").replace(
-            "status_interval", 'shutdown_timeout = "3s"\nstatus_interval'
-        )
-    )
+    source = Source(config_text(tmp_path, head='shutdown_timeout = "3s"\n', a="1s"))
     gw = Gateway.create(source.load(), source.load, Notifier({}))
     wedged = trio.Event()
 
@@ -92,7 +141,7 @@ async def test_shutdown_gives_up_after_the_timeout(
         wedged.set()
         await trio.sleep_forever()
 
-    gw.buses.stop_all = stop_all_that_hangs  # type: ignore[method-assign]
+    gw.components.stop_all = stop_all_that_hangs  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.run)
         await trio.sleep(1)
@@ -102,26 +151,244 @@ async def test_shutdown_gives_up_after_the_timeout(
         assert trio.current_time() - t0 == pytest.approx(3.0)
 
 
-async def test_second_interrupt_cancels_at_once(tmp_path: Path) -> None:
-    source = Source(
-        config_text(tmp_path, a="1s").replace(
-            "status_interval", 'shutdown_timeout = "1h"\nstatus_interval'
-        )
-    )
-    gw = Gateway.create(source.load(), source.load, Notifier({}))
-    draining = trio.Event()
+async def test_stop_signal_during_reload_cancels_it_and_never_sends_ready_after_stopping(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a reload is still reading its file: the reload is cancelled, shutdown
+    is clean (no ExceptionGroup[KeyError]) and READY=1 never follows STOPPING=1."""
+    source = Source(config_text(tmp_path, a="50ms"))
+    loading = threading.Event()
+    release = threading.Event()
 
-    async def stop_all_that_hangs() -> None:
-        draining.set()
-        await trio.sleep_forever()
+    def slow_load() -> Config:
+        loading.set()
+        release.wait(10)
+        return source.load()
 
-    gw.buses.stop_all = stop_all_that_hangs  # type: ignore[method-assign]
-    with trio.fail_after(10):  # far below the 1 h shutdown timeout
+    notifier = RecordingNotifier()
+    gw = Gateway(source.load(), slow_load, notifier, Hub())
+    with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(gw.run)
-            await gw.ready.wait()  # signal handling is installed before anything else
-            os.kill(os.getpid(), signal.SIGINT)  # graceful stop begins, and hangs
-            await draining.wait()
-            assert gw.stopping
-            os.kill(os.getpid(), signal.SIGINT)  # the second one cancels everything
-    assert all(sup.state.value == "stopped" for _, sup in gw.buses.supervised.values())
+            await gw.ready.wait()
+            gw._request_reload()  # what SIGHUP does
+            await trio.to_thread.run_sync(loading.wait)
+            gw._begin_shutdown("SIGTERM")  # what SIGTERM does
+            gw._request_reload()  # a SIGHUP while stopping is ignored
+    release.set()
+    assert gw.stopped_cleanly
+    stopping = notifier.messages.index("STOPPING=1")
+    assert not any("READY=1" in m for m in notifier.messages[stopping:]), notifier.messages
+    assert all(c.health().reason == "stopped" for c in gw.components.all())
+
+
+async def test_reload_requested_during_a_reload_runs_once_more(tmp_path: Path) -> None:
+    """SIGHUPs while a reload reads the file: one more pass after it (the file may have
+    changed again), not one per signal."""
+    source = Source(config_text(tmp_path, a="1s"))
+    loads: list[int] = []
+    loading = threading.Event()
+    release = threading.Event()
+
+    def slow_load() -> Config:
+        loads.append(1)
+        loading.set()
+        release.wait(10)
+        return source.load()
+
+    gw = Gateway(source.load(), slow_load, RecordingNotifier(), Hub())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        gw._request_reload()
+        done = gw._reload_done
+        assert done is not None
+        await trio.to_thread.run_sync(loading.wait)
+        for _ in range(5):
+            gw._request_reload()
+        release.set()
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert len(loads) == 2
+
+
+async def test_status_line_says_which_component_is_down_and_why(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    missing = tmp_path / "ttyUSB9"
+    text = (
+        config_text(tmp_path, a="1s", b="1s")
+        + f"""
+[[buses]]
+name = "line-1"
+kind = "serial-line"
+port = "{missing}"
+format = "regex"
+pattern = 'T=(?P<t>[0-9.]+)'
+points = [{{ name = "t" }}]
+"""
+    )
+    source = Source(text)
+    gw = Gateway.create(source.load(), source.load, Notifier({}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        await trio.sleep(1)
+        line = gw.status_line()
+        assert line.startswith("2 buses up, 1 down (line-1: "), line
+        assert str(missing) in line
+        health = gw.health()["line-1"]
+        assert health.state is State.DOWN
+        nursery.cancel_scope.cancel()
+
+
+def test_status_of_groups_states_with_reasons() -> None:
+    def h(state: State, reason: str | None = None) -> Health:
+        return Health(state, 0.0, reason)
+
+    members = [
+        ("a", h(State.UP)),
+        ("plc", h(State.DEGRADED, "meter not answering")),
+        ("line-1", h(State.DOWN, "/dev/ttyUSB9 missing")),
+        ("b", h(State.UP)),
+    ]
+    assert status_of("bus", members) == (
+        "2 buses up, 1 degraded (plc: meter not answering), 1 down (line-1: /dev/ttyUSB9 missing)"
+    )
+    assert status_of("bus", [("a", h(State.UP))]) == "1 bus up, 0 down"
+    many = [(f"b{i}", h(State.DOWN, "x" * 100)) for i in range(5)]
+    text = status_of("bus", many)
+    assert text.startswith("0 buses up, 5 down (b0: " + "x" * 57 + "...")
+    assert text.endswith("; +2 more)")
+    assert (
+        status_of("outbox", [("outbox", h(State.STARTING))]) == "0 outboxs up, 1 starting, 0 down"
+    )
+
+
+def _failing_required(hub: Hub) -> ComponentSpec:
+    class Refuses:
+        async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+            raise StartupError("port 8443 in use: stop the other process or change api.listen")
+
+        def condition(self) -> object:
+            raise AssertionError
+
+        def statistics(self) -> object:
+            return None
+
+    def build() -> Supervised:
+        return Supervised(
+            "api",
+            lambda progress: Refuses(),
+            Backoff(),
+            kind="api",  # type: ignore[arg-type,return-value]
+            policy=StartPolicy.REQUIRED,
+        )
+
+    return ComponentSpec("api", "api", Stage.API, None, build)
+
+
+def test_required_component_that_cannot_start_ends_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = Source(config_text(tmp_path, a="1s"))
+    real_specs = app.specs
+    monkeypatch.setattr(
+        app, "specs", lambda config, hub: [*real_specs(config, hub), _failing_required(hub)]
+    )
+    assert cli._serve(source.load) == StartupError.EX_UNAVAILABLE
+    critical = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert critical == [
+        "cannot start: port 8443 in use: stop the other process or change api.listen (exit 69)"
+    ]
+
+
+def test_config_error_in_the_loader_is_exit_78(tmp_path: Path) -> None:
+    def broken() -> Config:
+        raise ConfigError("x.toml", [("gateway.name", "bad")])
+
+    assert cli._serve(broken) == 78
+
+
+# ---- real signals, in a subprocess ---------------------------------------------------------
+
+HANGING_STOP = """
+import sys, trio
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.sdnotify import Notifier
+from pathlib import Path
+
+config = load_config(Path(sys.argv[1]))
+gw = Gateway.create(config, lambda: config, Notifier())
+
+async def stop_all_that_hangs():
+    print("draining", file=sys.stderr, flush=True)
+    await trio.sleep_forever()
+
+gw.components.stop_all = stop_all_that_hangs
+trio.run(gw.run)
+print("returned", file=sys.stderr, flush=True)
+"""
+
+
+def test_second_interrupt_cancels_at_once(
+    tmp_path: Path, notify_listener: NotifySocket, daemon_command: Callable[..., Daemon]
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text(tmp_path, head='shutdown_timeout = "1h"\n', a="1s"))
+    script = tmp_path / "hanging.py"
+    script.write_text(HANGING_STOP)
+    d = daemon_command([sys.executable, str(script), str(config)])
+    d.wait_ready()
+    d.send_signal(signal.SIGINT)  # graceful stop begins, and hangs
+    d.wait_for_log("draining")
+    d.send_signal(signal.SIGINT)  # the second one cancels everything
+    assert d.wait_exit(timeout=10) == 0  # far below the 1 h shutdown timeout
+    assert d.lines[-1] == "returned"
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.001, 0.01, 0.05])
+def test_second_sigterm_soon_after_the_first_still_exits_0(
+    gap: float, gateway_config: Callable[..., Path], daemon: Callable[..., Daemon]
+) -> None:
+    d = daemon(gateway_config())
+    d.wait_ready()
+    d.send_signal(signal.SIGTERM)
+    time.sleep(gap)  # the scenario itself: two signals this far apart
+    d.send_signal(signal.SIGTERM)
+    assert d.wait_exit() == 0, d.lines
+    assert d.lines[-1].endswith("gateway: stopped"), d.lines
+    assert not any("Traceback" in line or "Exception ignored" in line for line in d.lines)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.002, 0.02])
+def test_sigterm_right_after_sighup_stops_cleanly(
+    gap: float, gateway_config: Callable[..., Path], daemon: Callable[..., Daemon]
+) -> None:
+    path = gateway_config()
+    d = daemon(path)
+    d.wait_ready()
+    d.send_signal(signal.SIGHUP)
+    time.sleep(gap)
+    d.send_signal(signal.SIGTERM)
+    assert d.wait_exit() == 0, d.lines
+    assert not any("Traceback" in line for line in d.lines), d.lines
+    assert d.notify is not None
+    d.notify.drain()
+    messages = d.notify.messages
+    stopping = messages.index("STOPPING=1")
+    assert not any("READY=1" in m for m in messages[stopping:]), messages
+
+
+def test_sigterm_during_start_up_stops_without_ready(
+    gateway_config: Callable[..., Path], daemon: Callable[..., Daemon]
+) -> None:
+    d = daemon(gateway_config())
+    d.send_signal(signal.SIGTERM)  # before the gateway could handle signals itself
+    assert d.wait_exit() in (0, -signal.SIGTERM), d.lines
+    assert not any("Traceback" in line for line in d.lines), d.lines
+    assert d.notify is not None
+    d.notify.drain()
+    assert not any("READY=1" in m for m in d.notify.messages), d.notify.messages

@@ -190,16 +190,16 @@ def test_status_updates_every_status_interval(
         assert rate > 0  # line-1 publishes 2 readings every 50ms
 
 
-def test_watchdog_pings_every_half_watchdog_usec(
+def test_watchdog_pings_keep_coming_under_systemd(
     gateway_config: Callable[..., Path], daemon: Callable[..., Daemon]
 ) -> None:
+    # The interval itself (half of WATCHDOG_USEC) is checked under the mock clock in
+    # test_sdnotify.py; here: the real process keeps pinging, counted by events, not time.
     d = daemon(gateway_config(), WATCHDOG_USEC="200000")
     d.wait_ready()
-    assert d.notify is not None
-    window = d.notify.collect(1.0)
-    pings = window.count("WATCHDOG=1")
-    # Every 100ms means about 10; the bounds are loose so a slow machine does not fail.
-    assert 3 <= pings <= 30, window
+    for _ in range(5):
+        d.wait_for_notify(lambda m: m == "WATCHDOG=1")
+    assert d.running
 
 
 def test_no_watchdog_pings_when_watchdog_pid_is_another_process(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,23 @@ import pytest
 
 from drivers.registry import KINDS, DriverKind
 from drivers.sim import SimBus, SimBusConfig
-from gateway.config import ConfigError, load_config, parse_config, summary
-from gateway.core.configtypes import Duration, Name, Secret, parse_duration, parse_size
+from gateway.config import (
+    MAX_NESTING,
+    ConfigError,
+    load_config,
+    parse_config,
+    restart_needed,
+    summary,
+)
+from gateway.core.configtypes import (
+    ConfigValueError,
+    Duration,
+    Name,
+    Secret,
+    format_duration,
+    parse_duration,
+    parse_size,
+)
 
 SIM_BUS = """
 [[buses]]
@@ -48,7 +64,40 @@ def test_sim_bus_is_structured_by_kind() -> None:
     assert isinstance(bus, SimBusConfig)
     assert bus.devices[0].interval == 0.25
     assert list(bus.topics()) == ["line-1/boiler/temperature"]
-    assert summary(config)[-1] == "bus line-1 (sim): 1 devices, 1 points"
+    assert summary(config)[-1] == "bus line-1 (sim) at simulated: 1 device, 1 point"
+
+
+def test_summary_says_where_each_bus_is() -> None:
+    config = parse_config(
+        """
+        [[buses]]
+        name = "plc"
+        kind = "modbus-tcp"
+        host = "10.0.0.5"
+        [[buses.devices]]
+        name = "press"
+        points = [
+          { name = "a", table = "holding", address = 0 },
+          { name = "b", table = "holding", address = 1 },
+        ]
+        [[buses.devices]]
+        name = "meter"
+        points = [{ name = "p", table = "input", address = 0 }]
+        [[buses]]
+        name = "rs485"
+        kind = "modbus-rtu"
+        port = "/dev/ttyUSB0"
+        baudrate = 19200
+        parity = "E"
+        [[buses.devices]]
+        name = "meter"
+        points = [{ name = "v", table = "input", address = 0 }]
+        """.replace("\n        ", "\n")
+    )
+    assert summary(config)[2:] == [
+        "bus plc (modbus-tcp) at 10.0.0.5:502: 2 devices, 3 points",
+        "bus rs485 (modbus-rtu) at /dev/ttyUSB0 19200 8E1: 1 device, 1 point",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -60,9 +109,33 @@ def test_sim_bus_is_structured_by_kind() -> None:
             id="typo-key",
         ),
         pytest.param(
-            "[gateway]\nname = 5\n",
-            ("gateway.name", "5 is not a string"),
+            "[gateway]\nstate_dir = 5\n",
+            ("gateway.state_dir", "5 is not a string"),
             id="wrong-type",
+        ),
+        pytest.param(
+            "[gateway]\nname = 5\n",
+            ("gateway.name", "5 is not a name: expected a string"),
+            id="gateway-name-not-a-string",
+        ),
+        pytest.param(
+            '[gateway]\nname = "plant 7/line 1"\n',
+            (
+                "gateway.name",
+                "'plant 7/line 1' may use only letters, digits and _ . : - (no '/', '+', '#' "
+                "or spaces: it becomes one level of a topic)",
+            ),
+            id="gateway-name-rule",
+        ),
+        pytest.param(
+            '[gateway]\nname = ""\n',
+            ("gateway.name", "must not be empty"),
+            id="gateway-name-empty",
+        ),
+        pytest.param(
+            '[gateway]\nstate_dir = "/var/lib/\\u0000gw"\n',
+            ("gateway.state_dir", "contains a NUL character: give a directory path"),
+            id="state-dir-nul",
         ),
         pytest.param(
             "[hub]\nsubscriber_buffer = true\n",
@@ -270,6 +343,9 @@ class _TokenBusConfig:
     def check(self) -> Iterator[tuple[str, str]]:
         return iter(())
 
+    def describe(self) -> str:
+        return "test"
+
 
 KINDS_WITH_TOKEN = {
     **KINDS,
@@ -315,3 +391,231 @@ def test_empty_secret_file_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
     (tmp_path / "token").write_text("\n")
     found = problems(TOKEN_BUS.format("token"), config_dir=tmp_path, kinds=KINDS_WITH_TOKEN)
     assert found == [("buses[0].token_file", f"secret file '{tmp_path / 'token'}' is empty")]
+
+
+# ---- values that used to crash or hang the loader ---------------------------------------------
+
+POINT = "buses[0].devices[0].points[0]"
+SIM_POINT = SIM_BUS + "{}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            SIM_POINT.format("high = inf"),
+            (f"{POINT}.high", "inf is not a finite number: write a number"),
+            id="inf",
+        ),
+        pytest.param(
+            SIM_POINT.format("low = -inf"),
+            (f"{POINT}.low", "-inf is not a finite number: write a number"),
+            id="minus-inf",
+        ),
+        pytest.param(
+            SIM_POINT.format("step = nan"),
+            (f"{POINT}.step", "nan is not a finite number: write a number"),
+            id="nan",
+        ),
+        pytest.param(
+            SIM_POINT.format("step = 1" + "0" * 400),
+            (
+                f"{POINT}.step",
+                "a number of about 401 digits is too large: a whole number is at most "
+                "9223372036854775807 (64 bits)",
+            ),
+            id="int-beyond-float",
+        ),
+        pytest.param(
+            f"[hub]\nsubscriber_buffer = {2**63}\n",
+            (
+                "hub.subscriber_buffer",
+                "9223372036854775808 is too large: a whole number is at most "
+                "9223372036854775807 (64 bits)",
+            ),
+            id="int-beyond-64-bits",
+        ),
+        pytest.param(
+            "[hub]\nsubscriber_buffer = " + "1" * 5000 + "\n",
+            (
+                "",
+                "a number has thousands of digits: whole numbers in TOML are 64-bit (at most "
+                "19 digits)",
+            ),
+            id="int-too-long-for-python",
+        ),
+        pytest.param(
+            '[gateway]\nshutdown_timeout = "1' + "0" * 400 + 's"\n',
+            (
+                "gateway.shutdown_timeout",
+                "'1" + "0" * 48 + "... (404 characters) is too long: a duration may be at "
+                "most 365d (365 days)",
+            ),
+            id="duration-overflows-float",
+        ),
+        pytest.param(
+            '[gateway]\nstatus_interval = "366d"\n',
+            (
+                "gateway.status_interval",
+                "'366d' is too long: a duration may be at most 365d (365 days)",
+            ),
+            id="duration-too-long",
+        ),
+        pytest.param(
+            '[gateway]\nshutdown_timeout = "1e400s"\n',
+            (
+                "gateway.shutdown_timeout",
+                "'1e400s' is not a duration: use a number and one of ms, s, min, h, d, "
+                'e.g. "250ms", "2s", "5min"',
+            ),
+            id="duration-exponent",
+        ),
+        pytest.param(
+            '[[buses]]\nname = "a"\nkind = "sim"\nfail_after = "inf s"\n',
+            (
+                "buses[0].fail_after",
+                "'inf s' is not a duration: use a number and one of ms, s, min, h, d, "
+                'e.g. "250ms", "2s", "5min"',
+            ),
+            id="duration-inf",
+        ),
+        pytest.param(
+            "buses = [" + "{ name = 'x' }, " * 3 + "[[1]]]\n",
+            ("buses[3]", "expected a table ([[buses]]), got a list"),
+            id="bus-not-a-table",
+        ),
+    ],
+)
+def test_values_that_overflow_are_config_errors(text: str, expected: tuple[str, str]) -> None:
+    found = problems(text)
+    assert expected in found
+    assert all(path == expected[0] or path.startswith("buses[") for path, _ in found)
+
+
+TOO_DEEP = (
+    f"tables and arrays nested too deeply (more than {MAX_NESTING} levels): no setting nests "
+    "that deep; check the brackets"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        # Deep enough for tomllib itself to hit the recursion limit:
+        pytest.param("a = " + "[" * 1000 + "]" * 1000, "", id="arrays-1000"),
+        pytest.param("a = " + "{ b = " * 1000 + "1" + " }" * 1000, "", id="inline-tables-1000"),
+        # Parsed fine, too deep for cattrs and repr() in messages:
+        pytest.param("buses = " + "[" * 300 + "]" * 300, "buses", id="arrays-300"),
+        pytest.param(
+            "gateway = " + "{ b = " * 300 + "1" + " }" * 300, "gateway", id="inline-tables-300"
+        ),
+        # Dotted keys and table headers nest without any recursion in the parser:
+        pytest.param("[" + ".".join(["t"] * 5000) + "]\n", "t", id="table-header-5000"),
+        pytest.param(".".join(["k"] * 5000) + " = 1\n", "k", id="dotted-key-5000"),
+        pytest.param(
+            "buses = " + "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1), "buses", id="limit+1"
+        ),
+    ],
+)
+def test_nesting_too_deep_is_a_config_error(text: str, path: str) -> None:
+    assert problems(text) == [(path, TOO_DEEP)]
+
+
+def test_nesting_at_the_limit_reaches_the_converter() -> None:
+    found = problems("buses = " + "[" * MAX_NESTING + "]" * MAX_NESTING)
+    assert found == [("buses[0]", "expected a table ([[buses]]), got a list")]
+
+
+def test_nesting_limit_holds_in_a_deep_call_stack() -> None:
+    # A SIGHUP reload runs deep inside Trio: tomllib gives up at a smaller depth there, and
+    # that is still a ConfigError, not a RecursionError.
+    def nested(levels: int) -> list[tuple[str, str]]:
+        if levels:
+            return nested(levels - 1)
+        return problems("a = " + "[" * 300 + "]" * 300)
+
+    assert nested(800) in ([("", TOO_DEEP)], [("a", TOO_DEEP)])
+
+
+def test_byte_order_mark_is_accepted() -> None:
+    assert parse_config('\ufeff[gateway]\nname = "bom"\n').gateway.name == "bom"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1" + "0" * 400 + "s", "is too long: a duration may be at most 365d (365 days)"),
+        ("366d", "is too long: a duration may be at most 365d (365 days)"),
+        ("1e3s", "is not a duration"),
+        ("-1s", "is not a duration"),
+    ],
+)
+def test_duration_bounds(text: str, message: str) -> None:
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        parse_duration(text)
+
+
+def test_longest_duration_is_accepted_and_shown() -> None:
+    assert parse_duration("365d") == 365 * 86400.0
+    assert format_duration(parse_duration("365d")) == "8760h"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1025GiB", "'1025GiB' is too large: a size may be at most 1024GiB"),
+        ("1" + "0" * 400 + "GB", "is too large: a size may be at most 1024GiB"),
+        (1024**4 + 1, "1099511627777 is too large: a size may be at most 1024GiB"),
+        (-1, "-1 is negative: a size is 0 or more"),
+        (True, 'true is not a size: write e.g. "64KiB", "512MiB", "1GB"'),
+    ],
+)
+def test_size_bounds(value: str | int, message: str) -> None:
+    with pytest.raises(ConfigValueError) as info:
+        parse_size(value)
+    assert message in str(info.value)
+
+
+def test_largest_size_is_accepted() -> None:
+    assert parse_size("1024GiB") == 1024**4
+    assert parse_size(1024**4) == 1024**4
+
+
+# ---- reload -------------------------------------------------------------------------------
+
+
+def test_restart_needed_names_keys_read_only_at_start() -> None:
+    old = parse_config("")
+    new = parse_config(
+        '[gateway]\nname = "other"\nstate_dir = "/srv/gw"\nshutdown_timeout = "3s"\n'
+        '[hub]\nsubscriber_buffer = 5\n[logging]\nlevel = "debug"\n' + SIM_BUS
+    )
+    assert restart_needed(old, new) == [
+        "gateway.name",
+        "gateway.state_dir",
+        "hub.subscriber_buffer",
+    ]
+    assert restart_needed(new, old) == [
+        "gateway.name",
+        "gateway.state_dir",
+        "hub.subscriber_buffer",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changed", "keys"),
+    [
+        ("", []),
+        ('[gateway]\nshutdown_timeout = "3s"\nstatus_interval = "1s"\n', []),
+        ('[logging]\nlevel = "debug"\n[supervisor]\nbackoff_max = "2min"\n', []),
+        (SIM_BUS, []),
+        ('[gateway]\nname = "renamed"\n', ["gateway.name"]),
+        ('[gateway]\nstate_dir = "/srv/elsewhere"\n', ["gateway.state_dir"]),
+        ("[hub]\nsubscriber_buffer = 10\n", ["hub.subscriber_buffer"]),
+    ],
+)
+def test_restart_needed_per_key(
+    changed: str, keys: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/srv/gw")  # the default state_dir of both
+    assert restart_needed(parse_config(""), parse_config(changed)) == keys

@@ -12,6 +12,7 @@ import logging
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ import pytest
 
 from gateway.core import logs
 from gateway.core.logs import _Formatter, kv
+from tests.conftest import gateway_env
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -349,3 +351,28 @@ def test_config_errors_are_logged_as_errors(
         else:
             assert TIMESTAMPED.match(line), line
             assert " ERROR   gateway: " in line
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_uncaught_traceback_under_journal_is_critical(where: str) -> None:
+    """A crash must show in ``journalctl -p warning``: every line of an uncaught traceback
+    carries priority 2 (critical), in the main thread and in worker threads."""
+    body = "raise RuntimeError('boom')"
+    if where == "thread":
+        body = (
+            "import threading\n"
+            "def f():\n    raise RuntimeError('boom')\n"
+            "t = threading.Thread(target=f); t.start(); t.join()"
+        )
+    code = f"from gateway.core import logs\nlogs.setup('info')\n{body}\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=gateway_env(JOURNAL_STREAM="8:1234"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    lines = result.stderr.splitlines()
+    assert any("RuntimeError: boom" in line for line in lines), lines
+    assert all(line.startswith("<2>") for line in lines), lines

@@ -13,6 +13,7 @@ from drivers.modbus.codec import (
     FrameError,
     MbapCodec,
     ModbusExceptionResponse,
+    NotModbusError,
     Request,
     Response,
     RtuCodec,
@@ -138,9 +139,70 @@ def test_mbap_transaction_ids_wrap_and_skip_zero() -> None:
     assert frame[:2] == b"\x00\x01"
 
 
-def test_mbap_garbage_is_a_frame_error() -> None:
+def test_mbap_http_answer_is_not_modbus_not_a_frame_error() -> None:
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(NotModbusError) as info:
+        codec.response()
+    assert str(info.value) == (
+        "not Modbus: the device answered 'HTTP/1.1 400 Bad Request' (wrong port or protocol?)"
+    )
+    assert not isinstance(info.value, FrameError)  # not noise: nothing for `retries` to do
+
+
+def test_mbap_not_modbus_is_told_from_the_first_four_bytes() -> None:
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(b"SS")
+    assert codec.response() is None
+    codec.receive_data(b"H-2.0-OpenSSH_9.6\r\n")
+    with pytest.raises(NotModbusError, match="answered 'SSH-2.0-OpenSSH_9.6'"):
+        codec.response()
+
+
+def test_mbap_impossible_length_is_not_modbus_and_binary_is_quoted_in_hex() -> None:
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(bytes.fromhex("0001 0000 ffff 01 03 02 00 07"))  # length 65535
+    with pytest.raises(NotModbusError, match="answered 00 01 00 00 ff ff 01 03 02 00 07 "):
+        codec.response()
+
+
+def test_mbap_valid_answer_after_a_not_modbus_one_is_read() -> None:
+    # The codec drops what it could not frame, so it cannot jam on the next request.
     codec = MbapCodec()
     codec.encode(Request.read("holding", 1, 0, 1))
     codec.receive_data(b"HTTP/1.1 400 Bad Request\r\n")
-    with pytest.raises(FrameError, match="not Modbus TCP"):
+    with pytest.raises(NotModbusError):
+        codec.response()
+    tid = int.from_bytes(codec.encode(Request.read("holding", 1, 0, 1))[:2], "big")
+    codec.receive_data(
+        mbap(ReadHoldingRegistersResponse(registers=[5], dev_id=1, transaction_id=tid))
+    )
+    assert codec.response() == Response(registers=(5,))
+
+
+@pytest.mark.parametrize(
+    ("answer", "quoted"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n", "'HTTP/1.1 400 Bad Request'"),
+        (b":010300000001FB\r\n", "':010300000001FB'"),  # Modbus ASCII on the line
+    ],
+)
+def test_rtu_text_answer_is_not_modbus(answer: bytes, quoted: str) -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(answer)
+    with pytest.raises(NotModbusError) as info:
+        codec.response()
+    assert info.value.answer == quoted
+    assert codec.pending == 0
+
+
+def test_rtu_binary_garbage_is_still_a_frame_error() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(bytes.fromhex("0103020007 0000"))  # a reply with a broken CRC
+    with pytest.raises(FrameError, match="CRC mismatch"):
         codec.response()

@@ -13,6 +13,7 @@ from drivers.modbus.bus import ModbusBus
 from drivers.modbus.codec import Request, Response
 from drivers.modbus.config import ModbusTcpBusConfig
 from gateway.config import parse_config
+from gateway.core.backoff import Backoff
 from tests.readings import Recorder
 
 CONFIG = """
@@ -41,8 +42,7 @@ class ScriptedLink:
     seconds; units in ``dead`` time out after ``timeout``."""
 
     timeout = 0.5
-    backoff_initial = 4.0
-    backoff_max = 8.0
+    backoff = Backoff(4.0, 8.0)
 
     def __init__(self) -> None:
         self.lock = trio.Lock()

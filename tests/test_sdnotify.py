@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from gateway.app import Gateway
+from gateway.app import ComponentSpec, Gateway, Stage
 from gateway.config import parse_config
+from gateway.core.backoff import Backoff
+from gateway.core.component import UP, Condition
 from gateway.sdnotify import Notifier
-from gateway.supervisor import Backoff, Supervised
+from gateway.supervisor import Supervised
 
 
 @pytest.fixture
@@ -94,13 +96,17 @@ async def test_watchdog_pings_at_half_the_period_and_stops_when_stuck(
     notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
     gw = Gateway.create(config, lambda: config, notifier)
 
-    def make(progress: Callable[[], None]) -> Callable[..., Awaitable[None]]:
-        async def wedged(*, task_status: trio.TaskStatus[None]) -> None:
+    class Wedged:
+        async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
             task_status.started()
             with trio.CancelScope(shield=True):  # ignores the supervisor's restart
                 await trio.sleep(10_000)
 
-        return wedged
+        def condition(self) -> Condition:
+            return UP
+
+        def statistics(self) -> object:
+            return None
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.run)
@@ -111,9 +117,14 @@ async def test_watchdog_pings_at_half_the_period_and_stops_when_stuck(
             pings += [m for m in drain(sock) if m == "WATCHDOG=1"]
         assert len(pings) == 11  # t = 0, 1, ..., 10: every 1 s (half of WATCHDOG_USEC)
 
-        sup = Supervised("bus wedged", make, Backoff(), stall_after=5.0)
-        gw.buses.supervised["wedged"] = (config, sup)  # type: ignore[assignment]
-        nursery.start_soon(sup.run)
+        spec = ComponentSpec(
+            "wedged",
+            "bus",
+            Stage.PRODUCERS,
+            None,
+            lambda: Supervised("wedged", lambda progress: Wedged(), Backoff(), stall_after=5.0),
+        )
+        await gw.components.start(spec)
         await trio.sleep(5 + 2 + 5 + 1)  # stall_after + grace (2 * 1 s + 5 s) + margin
         drain(sock)
         await trio.sleep(5)

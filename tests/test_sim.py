@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterator
+
 import pytest
 import trio
 import trio.testing
 
 from drivers.base import BusContext, WriteError
-from drivers.sim import SimBus, SimBusConfig
-from gateway.config import parse_config
+from drivers.sim import MAX_VALUE, SimBus, SimBusConfig, _SimPoint
+from gateway.config import ConfigError, parse_config
 from gateway.core.reading import Reading
 
 CONFIG = """
@@ -105,3 +109,133 @@ async def test_writes() -> None:
         await bus.write("d/nope", 1)
     with pytest.raises(WriteError, match="takes a number"):
         await bus.write("d/sp", "hot")
+
+
+# ---- bounds: every accepted point runs; the values beyond are refused ---------------------------
+
+EXTREMES = (-MAX_VALUE, -1.5, 0.0, 1e-9, 1.0, MAX_VALUE)
+SIGNALS = ("sine", "random-walk", "step", "counter", "setpoint")
+DURATIONS = ("1ms", "1s", "365d")  # the shortest a sim accepts, a usual one, the longest of all
+
+
+def extreme_configs() -> Iterator[str]:
+    """One sim bus config per interval, holding every signal with every accepted extreme."""
+    for interval in DURATIONS:
+        points = [
+            f'{{ name = "p{i}", signal = "{signal}", low = {low!r}, high = {high!r}, '
+            f'step = {step!r}, period = "{period}" }}'
+            for i, (signal, low, high, step, period) in enumerate(
+                (signal, low, high, step, period)
+                for signal in SIGNALS
+                for low in EXTREMES
+                for high in EXTREMES
+                if low <= high
+                for step in (-MAX_VALUE, -1.0, 0.0, 0.5, MAX_VALUE)
+                for period in DURATIONS
+            )
+        ]
+        yield (
+            f'[[buses]]\nname = "x"\nkind = "sim"\n[[buses.devices]]\nname = "d"\n'
+            f'interval = "{interval}"\npoints = [\n  ' + ",\n  ".join(points) + "\n]\n"
+        )
+
+
+# Sample numbers: the first hundred, and those of a run of 1 ms samples for a year and more.
+SAMPLES = [*range(100), 10**6, 3 * 10**10, 2**53, 10**15]
+
+
+def test_every_accepted_extreme_samples_finite_values() -> None:
+    for text in extreme_configs():
+        bus = parse_config(text).buses[0]  # accepted: no ConfigError
+        assert isinstance(bus, SimBusConfig)
+        device = bus.devices[0]
+        assert len(device.points) > 1000
+        for p in device.points:
+            point = _SimPoint(f"x/d/{p.name}", p, device.interval)
+            for n in SAMPLES:
+                value = point.sample(n)
+                assert isinstance(value, int | float), (p, n, value)
+                assert math.isfinite(value), (p, n, value)
+                json.dumps(value, allow_nan=False)  # what a device or CPI receives
+
+
+async def test_largest_values_run_on_the_bus(autojump_clock: trio.testing.MockClock) -> None:
+    text = (
+        '[[buses]]\nname = "x"\nkind = "sim"\n[[buses.devices]]\nname = "d"\ninterval = "1ms"\n'
+        "points = [\n"
+        + ",\n".join(
+            f'{{ name = "{s}", signal = "{s}", low = -1e9, high = 1e9, step = 1e9, '
+            'period = "1ms" }'
+            for s in SIGNALS
+        )
+        + "\n]\n"
+    )
+    config = parse_config(text).buses[0]
+    assert isinstance(config, SimBusConfig)
+    readings: list[Reading] = []
+    bus = SimBus(config, BusContext(readings.append, lambda: None))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        await trio.sleep(20.0)  # 20 000 samples of every point
+        nursery.cancel_scope.cancel()
+    assert len(readings) >= 5 * 20_000
+    assert all(isinstance(r.value, int | float) and math.isfinite(r.value) for r in readings)
+
+
+P = "buses[0].devices[0].points[0]"
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [
+        pytest.param(
+            'signal = "counter", step = 1e308',
+            [(f"{P}.step", "1e+308 is outside -1e9 .. 1e9")],
+            id="step-1e308",
+        ),
+        pytest.param(
+            "low = -1e308, high = 1e308",
+            [
+                (f"{P}.low", "-1e+308 is outside -1e9 .. 1e9"),
+                (f"{P}.high", "1e+308 is outside -1e9 .. 1e9"),
+            ],
+            id="range-1e308",
+        ),
+        pytest.param(
+            "high = 1000000001",
+            [(f"{P}.high", "1e+09 is outside -1e9 .. 1e9")],
+            id="just-above",
+        ),
+        pytest.param(
+            "low = -1.0000001e9",
+            [(f"{P}.low", "-1e+09 is outside -1e9 .. 1e9")],
+            id="just-below",
+        ),
+        pytest.param(
+            'period = "0.5ms"',
+            [(f"{P}.period", "must be at least 1ms")],
+            id="period-too-short",
+        ),
+        pytest.param(
+            'period = "0s"',
+            [(f"{P}.period", "must be at least 1ms")],
+            id="period-zero",
+        ),
+    ],
+)
+def test_values_beyond_the_bounds_are_refused(point: str, expected: list[tuple[str, str]]) -> None:
+    text = (
+        '[[buses]]\nname = "x"\nkind = "sim"\n[[buses.devices]]\nname = "d"\n'
+        f'points = [{{ name = "p", {point} }}]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.problems == expected
+
+
+@pytest.mark.parametrize("interval", ["0.999ms", "0s"])
+def test_interval_below_1ms_is_refused(interval: str) -> None:
+    text = f'[[buses]]\nname = "x"\nkind = "sim"\n[[buses.devices]]\nname = "d"\ninterval = "{interval}"\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.problems == [("buses[0].devices[0].interval", "must be at least 1ms")]

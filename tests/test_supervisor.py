@@ -10,9 +10,33 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.supervisor import Backoff, State, Supervised
+from gateway.core.backoff import Backoff
+from gateway.core.component import UP, Condition, StartPolicy, StartupError, State
+from gateway.supervisor import Part, Supervised
 
 Progress = Callable[[], None]
+RunFn = Callable[..., Awaitable[None]]
+
+
+class FnPart:
+    """A part made of a run function, with a settable condition."""
+
+    def __init__(self, fn: RunFn, condition: Condition = UP) -> None:
+        self.fn = fn
+        self.cond = condition
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.fn(task_status=task_status)
+
+    def condition(self) -> Condition:
+        return self.cond
+
+    def statistics(self) -> object:
+        return None
+
+
+def parts(make: Callable[[Progress], RunFn]) -> Callable[[Progress], Part]:
+    return lambda progress: FnPart(make(progress))
 
 
 def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
@@ -21,14 +45,14 @@ def test_backoff_ceiling_doubles_up_to_the_cap() -> None:
     assert b.ceiling(10_000) == 60  # no overflow however long a bus stays down
 
 
-def test_full_jitter_stays_within_the_ceiling() -> None:
+def test_equal_jitter_stays_in_the_upper_half_of_the_ceiling() -> None:
     b = Backoff(initial=1.0, maximum=60.0)
     rng = random.Random(7)
     for n in range(1, 12):
         delays = [b.delay(n, rng) for _ in range(200)]
-        assert all(0 <= d <= b.ceiling(n) for d in delays)
-        # Full jitter spreads over the whole range, not just near the top.
-        assert min(delays) < b.ceiling(n) / 4 < b.ceiling(n) * 3 / 4 < max(delays)
+        assert all(b.ceiling(n) / 2 <= d <= b.ceiling(n) for d in delays)
+        # Spread over the range (no lock step), never at once.
+        assert min(delays) < b.ceiling(n) * 0.6 < b.ceiling(n) * 0.9 < max(delays)
 
 
 class NoJitter(random.Random):
@@ -62,7 +86,7 @@ async def test_failing_component_restarts_with_growing_delays_others_keep_runnin
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     starts, make = failing(5)
-    bad = Supervised("bus bad", make, Backoff(1.0, 60.0), rng=NoJitter())  # type: ignore[arg-type]
+    bad = Supervised("bad", parts(make), Backoff(1.0, 60.0), rng=NoJitter())
     ticks: list[float] = []
 
     def make_good(progress: Progress) -> Callable[..., Awaitable[None]]:
@@ -74,7 +98,7 @@ async def test_failing_component_restarts_with_growing_delays_others_keep_runnin
 
         return run
 
-    good = Supervised("bus good", make_good, Backoff())
+    good = Supervised("good", parts(make_good), Backoff())
     async with trio.open_nursery() as nursery:
         t0 = trio.current_time()
         await nursery.start(bad.run)
@@ -83,35 +107,36 @@ async def test_failing_component_restarts_with_growing_delays_others_keep_runnin
         nursery.cancel_scope.cancel()
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0]
-    assert bad.delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert list(bad.delays) == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert bad.total_failures == 5
     assert bad.last_error == "OSError: port gone (attempt 5)"
     # The good bus ticked once a second all along, untouched by the other's failures.
     assert ticks == [t0 + i for i in range(100)]
     assert good.total_failures == 0
-    assert good.state is State.STOPPED
+    assert good.health().state is State.DOWN
+    assert good.health().reason == "stopped"
 
 
 async def test_backoff_resets_after_a_period_of_health(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     _, make = failing(6, up_for=0.0)
-    backoff = Backoff(1.0, 60.0, healthy_after=30.0)
-    sup = Supervised("bus x", make, backoff, rng=NoJitter())  # type: ignore[arg-type]
+    backoff = Backoff(1.0, 60.0)
+    sup = Supervised("x", parts(make), backoff, healthy_after=30.0, rng=NoJitter())
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(5)  # failures at t=0, 1, 3: delays 1, 2, 4
-        assert sup.delays == [1.0, 2.0, 4.0]
+        assert list(sup.delays) == [1.0, 2.0, 4.0]
         nursery.cancel_scope.cancel()
 
     # Now a component that stays up longer than healthy_after between failures.
     _starts, make = failing(3, up_for=40.0)
-    sup = Supervised("bus y", make, backoff, rng=NoJitter())  # type: ignore[arg-type]
+    sup = Supervised("y", parts(make), backoff, healthy_after=30.0, rng=NoJitter())
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(200)
         nursery.cancel_scope.cancel()
-    assert sup.delays == [1.0, 1.0, 1.0]  # never grew: each run was healthy long enough
+    assert list(sup.delays) == [1.0, 1.0, 1.0]  # never grew: each run was healthy long enough
     assert sup.total_failures == 3
 
 
@@ -124,14 +149,15 @@ async def test_failure_before_started_does_not_hold_back_startup(
 
         return run
 
-    sup = Supervised("bus rs485", make, Backoff(1.0, 4.0), rng=NoJitter())
+    sup = Supervised("rs485", parts(make), Backoff(1.0, 4.0), rng=NoJitter())
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)  # returns although the component never came up
-        assert sup.state is State.BACKOFF
-        assert sup.last_error == "FileNotFoundError: /dev/ttyUSB0"
+        health = sup.health()
+        assert health.state is State.DOWN
+        assert health.reason == health.last_error == "FileNotFoundError: /dev/ttyUSB0"
         await trio.sleep(30)
         nursery.cancel_scope.cancel()
-    assert sup.delays[:4] == [1.0, 2.0, 4.0, 4.0]
+    assert list(sup.delays)[:4] == [1.0, 2.0, 4.0, 4.0]
 
 
 async def test_stalled_component_is_restarted(autojump_clock: trio.testing.MockClock) -> None:
@@ -146,7 +172,7 @@ async def test_stalled_component_is_restarted(autojump_clock: trio.testing.MockC
 
         return run
 
-    sup = Supervised("bus hung", make, Backoff(1.0, 1.0), stall_after=10.0, rng=NoJitter())
+    sup = Supervised("hung", parts(make), Backoff(1.0, 1.0), stall_after=10.0, rng=NoJitter())
     async with trio.open_nursery() as nursery:
         t0 = trio.current_time()
         await nursery.start(sup.run)
@@ -167,7 +193,7 @@ async def test_stuck_reports_only_when_the_supervisor_failed_to_act(
 
         return run
 
-    sup = Supervised("bus wedged", make, Backoff(), stall_after=10.0)
+    sup = Supervised("wedged", parts(make), Backoff(), stall_after=10.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(5)
@@ -182,7 +208,7 @@ async def test_traceback_logged_first_time_then_a_count(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, failures: int
 ) -> None:
     _, make = failing(failures)
-    sup = Supervised("bus x", make, Backoff(1.0, 2.0), rng=NoJitter())  # type: ignore[arg-type]
+    sup = Supervised("x", parts(make), Backoff(1.0, 2.0), rng=NoJitter())
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         await trio.sleep(10)
@@ -194,3 +220,76 @@ async def test_traceback_logged_first_time_then_a_count(
     assert records[0].exc_info is not None
     assert all(r.exc_info is None for r in records[1:])
     assert [r.kv["failures"] for r in records] == list(range(1, failures + 1))  # type: ignore[attr-defined]
+
+
+async def test_health_follows_the_parts_condition_with_since(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wall = [1000.0]
+    part = FnPart(lambda *, task_status: _serve_forever(task_status))
+    sup = Supervised("line-1", lambda progress: part, Backoff(), wall_clock=lambda: wall[0])
+    assert sup.health().state is State.STARTING
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        assert sup.health() == sup.health()  # stable while nothing changes
+        assert sup.health().state is State.UP
+        wall[0] = 1010.0
+        part.cond = Condition(State.DOWN, "/dev/ttyUSB9 missing")
+        health = sup.health()
+        assert (health.state, health.reason, health.since) == (
+            State.DOWN,
+            "/dev/ttyUSB9 missing",
+            1010.0,
+        )
+        wall[0] = 1020.0
+        assert sup.health().since == 1010.0  # unchanged condition keeps its since
+        part.cond = Condition(State.DEGRADED, "meter not answering")
+        assert sup.health().since == 1020.0
+        nursery.cancel_scope.cancel()
+    assert sup.health().reason == "stopped"
+
+
+async def _serve_forever(task_status: trio.TaskStatus[None]) -> None:
+    task_status.started()
+    await trio.sleep_forever()
+
+
+async def test_required_component_that_cannot_start_raises_startup_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    def make(progress: Progress) -> RunFn:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            raise OSError(98, "Address already in use")
+
+        return run
+
+    sup = Supervised("server", parts(make), Backoff(), kind="wss", policy=StartPolicy.REQUIRED)
+    with pytest.raises(StartupError, match=r"wss server cannot start: OSError: .*already in use"):
+        await sup.run()
+    assert sup.total_failures == 0  # not retried
+
+
+async def test_required_component_is_restarted_once_it_has_been_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    starts, make = failing(2, up_for=1.0)
+    sup = Supervised(
+        "outbox", parts(make), Backoff(1.0, 1.0), policy=StartPolicy.REQUIRED, rng=NoJitter()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert len(starts) == 3
+    assert sup.total_failures == 2
+
+
+async def test_delays_kept_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    _, make = failing(1000)
+    sup = Supervised("x", parts(make), Backoff(0.001, 0.001), rng=NoJitter())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(1.5)
+        nursery.cancel_scope.cancel()
+    assert sup.total_failures > 500
+    assert len(sup.delays) == 32

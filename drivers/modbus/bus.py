@@ -1,9 +1,11 @@
 """A Modbus bus: per-device poll schedules over one shared ``Link``; readings and writes.
 
 Each device has its own task with a drift-free schedule (next deadline = previous deadline +
-interval; missed ticks skipped and counted as overruns). A device that times out goes into
-its own backoff and is probed at that pace, so a dead slave costs the other devices at most
-one timeout per probe. The link's lock keeps one transaction at a time on the line.
+interval; missed ticks skipped and counted as overruns). A device that times out (or answers
+in another protocol) goes into its own backoff (``gateway.core.backoff``, the link's policy)
+and is probed at that pace, so a dead slave costs the other devices at most one timeout per
+probe, and a device that comes back is read again within ``backoff_max``. The link's lock
+keeps one transaction at a time on the line.
 """
 
 from __future__ import annotations
@@ -14,28 +16,64 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import attrs
 import trio
 
 from drivers.base import BusContext, WriteError
 from drivers.modbus import datatypes
-from drivers.modbus.codec import FrameError, ModbusExceptionResponse, Request, Response
+from drivers.modbus.codec import (
+    FrameError,
+    ModbusExceptionResponse,
+    NotModbusError,
+    Request,
+    Response,
+)
 from drivers.modbus.config import ModbusDeviceConfig, ModbusPointConfig
-from drivers.modbus.link import Disconnected, Link
+from drivers.modbus.link import Disconnected, Link, LinkStatistics
 from drivers.modbus.planner import PlannedRead, plan_device
-from gateway.core.component import UP, Condition
+from gateway.core.component import UP, Condition, State
 from gateway.core.logs import kv
 from gateway.core.reading import Quality, Reading, Value
 
 log = logging.getLogger("drivers.modbus")
 
 
+@attrs.frozen
+class DeviceStatistics:
+    polls: int
+    requests: int
+    responses: int
+    timeouts: int
+    crc_errors: int
+    not_modbus: int
+    exceptions: int
+    disconnected: int
+    overruns: int
+    last_error: str | None
+    last_success: float | None
+    latency_last_ms: float
+    latency_max_ms: float
+    latency_avg_ms: float | None
+    writes: int
+    write_errors: int
+
+
+@attrs.frozen
+class ModbusBusStatistics:
+    link: LinkStatistics
+    devices: Mapping[str, DeviceStatistics]
+
+
 class DeviceStats:
+    """A device's counters as the poller updates them; ``snapshot()`` is the frozen value."""
+
     def __init__(self) -> None:
         self.polls = 0
         self.requests = 0
         self.responses = 0
         self.timeouts = 0
         self.crc_errors = 0
+        self.not_modbus = 0
         self.exceptions = 0
         self.disconnected = 0
         self.overruns = 0
@@ -47,26 +85,27 @@ class DeviceStats:
         self.writes = 0
         self.write_errors = 0
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "polls": self.polls,
-            "requests": self.requests,
-            "responses": self.responses,
-            "timeouts": self.timeouts,
-            "crc_errors": self.crc_errors,
-            "exceptions": self.exceptions,
-            "disconnected": self.disconnected,
-            "overruns": self.overruns,
-            "last_error": self.last_error,
-            "last_success": self.last_success,
-            "latency_last_ms": round(self.latency_last * 1000, 3),
-            "latency_max_ms": round(self.latency_max * 1000, 3),
-            "latency_avg_ms": round(self.latency_total / self.responses * 1000, 3)
+    def snapshot(self) -> DeviceStatistics:
+        return DeviceStatistics(
+            polls=self.polls,
+            requests=self.requests,
+            responses=self.responses,
+            timeouts=self.timeouts,
+            crc_errors=self.crc_errors,
+            not_modbus=self.not_modbus,
+            exceptions=self.exceptions,
+            disconnected=self.disconnected,
+            overruns=self.overruns,
+            last_error=self.last_error,
+            last_success=self.last_success,
+            latency_last_ms=round(self.latency_last * 1000, 3),
+            latency_max_ms=round(self.latency_max * 1000, 3),
+            latency_avg_ms=round(self.latency_total / self.responses * 1000, 3)
             if self.responses
             else None,
-            "writes": self.writes,
-            "write_errors": self.write_errors,
-        }
+            writes=self.writes,
+            write_errors=self.write_errors,
+        )
 
 
 class Device:
@@ -79,7 +118,8 @@ class Device:
         self.filters = {p.name: datatypes.ReportFilter(p) for p in config.points}
         self.points: dict[str, ModbusPointConfig] = {p.name: p for p in config.points}
         self.stats = DeviceStats()
-        self.failures = 0  # consecutive timeouts
+        self.failures = 0  # consecutive timeouts or foreign answers
+        self.problem: str | None = None  # "not answering", "not Modbus": for condition()
         self.backoff_until = 0.0
         self.logged_errors: frozenset[str] = frozenset()  # what the journal last heard
 
@@ -96,8 +136,8 @@ class ModbusBus:
         *,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """A device that stops answering backs off like the link's reconnects
-        (``backoff_initial`` .. ``backoff_max`` of the bus config)."""
+        """A device that stops answering backs off with the link's ``backoff`` (the bus
+        config's ``backoff_initial`` .. ``backoff_max``), as the link's reconnects do."""
         self.name = name
         self.context = context
         self.link = link
@@ -162,9 +202,14 @@ class ModbusBus:
                 response = await self._transact(device, request)
             except TimeoutError:
                 stats.timeouts += 1
-                self._device_failed(device, "timeout")
+                self._device_failed(device, "timeout", "not answering")
                 self._publish_bad(device, device.config.points, "timeout")
                 return False  # the rest of this cycle would time out too
+            except NotModbusError as e:
+                stats.not_modbus += 1
+                self._device_failed(device, str(e), "not Modbus")
+                self._publish_bad(device, device.config.points, "not modbus")
+                return False  # whatever answers there is no Modbus device
             except Disconnected:
                 stats.disconnected += 1
                 stats.last_error = "disconnected"
@@ -198,22 +243,23 @@ class ModbusBus:
         stats.latency_total += latency
         return response
 
-    def _device_failed(self, device: Device, reason: str) -> None:
+    def _device_failed(self, device: Device, reason: str, problem: str) -> None:
+        """Back off from a device that does not answer (``problem`` = "not answering") or
+        answers in another protocol ("not Modbus"); ``reason`` goes to the journal once."""
         device.failures += 1
+        device.problem = problem
         device.stats.last_error = reason
-        ceiling = min(
-            self.link.backoff_max, self.link.backoff_initial * 2.0 ** (device.failures - 1)
-        )
-        delay = self._rng.uniform(ceiling / 2, ceiling)
+        delay = self.link.backoff.delay(device.failures, self._rng)
         device.backoff_until = trio.current_time() + delay
         if device.failures == 1:
-            log.warning(
-                "%s/%s not answering (%s): probing with backoff",
-                self.name,
-                device.config.name,
-                reason,
-                extra=kv(bus=self.name, device=device.config.name, unit=device.config.unit_id),
-            )
+            fields = kv(bus=self.name, device=device.config.name, unit=device.config.unit_id)
+            where = f"{self.name}/{device.config.name}"
+            if problem == "not answering":
+                log.warning(
+                    "%s not answering (%s): probing with backoff", where, reason, extra=fields
+                )
+            else:
+                log.warning("%s: %s; probing with backoff", where, reason, extra=fields)
 
     def _device_ok(self, device: Device) -> None:
         if device.failures:
@@ -224,6 +270,7 @@ class ModbusBus:
                 extra=kv(bus=self.name, device=device.config.name),
             )
         device.failures = 0
+        device.problem = None
         device.backoff_until = 0.0
         device.stats.last_success = self._wall_clock()
 
@@ -311,6 +358,9 @@ class ModbusBus:
         except ModbusExceptionResponse as e:
             device.stats.write_errors += 1
             raise WriteError(f"{where}: device refused the write: {e.reason}") from None
+        except NotModbusError as e:
+            device.stats.write_errors += 1
+            raise WriteError(f"{where}: {e}") from None
         except FrameError as e:
             device.stats.write_errors += 1
             raise WriteError(
@@ -319,10 +369,23 @@ class ModbusBus:
         log.info("wrote %s = %r", where, value, extra=kv(bus=self.name, device=device_name))
 
     def condition(self) -> Condition:
-        return UP  # refined by the components issue's driver work
+        """Down while the link is (saying where and why), degraded while some device does not
+        answer or answers in another protocol (naming them), starting before the first
+        connection attempt finished, up otherwise."""
+        link = self.link.condition()
+        if link.state is not State.UP:
+            return link
+        problems: dict[str, list[str]] = {}
+        for name, device in self.devices.items():
+            if device.problem is not None:
+                problems.setdefault(device.problem, []).append(name)
+        if not problems:
+            return UP
+        reason = "; ".join(f"{', '.join(names)} {problem}" for problem, names in problems.items())
+        return Condition(State.DEGRADED, reason)
 
-    def statistics(self) -> Mapping[str, object]:
-        return {
-            "link": self.link.statistics(),
-            "devices": {name: d.stats.as_dict() for name, d in self.devices.items()},
-        }
+    def statistics(self) -> ModbusBusStatistics:
+        return ModbusBusStatistics(
+            link=self.link.statistics(),
+            devices={name: d.stats.snapshot() for name, d in self.devices.items()},
+        )

@@ -3,8 +3,10 @@
 pymodbus's framers (``FramerRTU``, ``FramerSocket``) and PDU classes build and parse the
 bytes; this module adds what a master needs around them: a request description of our own,
 RTU response framing by expected length + CRC (never by silence), MBAP transaction ids with
-stale responses skipped, and exception responses turned into ``ModbusExceptionResponse``.
-A pymodbus API change touches this file only.
+stale responses skipped, exception responses turned into ``ModbusExceptionResponse``, and
+an answer in another protocol altogether (an HTTP server on port 502, Modbus ASCII on the
+line) told apart from a corrupted frame as ``NotModbusError``. A pymodbus API change touches
+this file only.
 """
 
 from __future__ import annotations
@@ -67,6 +69,32 @@ class ModbusExceptionResponse(Exception):
 
 class FrameError(Exception):
     """A response that fails its CRC, has the wrong length, or does not match the request."""
+
+
+class NotModbusError(Exception):
+    """The peer answered in another protocol (an HTTP or SSH server on the port, Modbus ASCII
+    on the line): not noise, a wrong port or protocol. ``answer`` quotes what it sent."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        super().__init__(f"not Modbus: the device answered {answer} (wrong port or protocol?)")
+
+
+def _quote(data: bytes, limit: int = 40) -> str:
+    """The start of a foreign answer for a message: its first line as text when it is text
+    (``'HTTP/1.1 400 Bad Request'``), else its first bytes in hex (``16 03 01 ...``)."""
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if line and all(0x20 <= b < 0x7F for b in line):
+        text = line[:limit].decode("ascii")
+        return repr(text + ("..." if len(line) > limit else ""))
+    head = data[:12]
+    return " ".join(f"{b:02x}" for b in head) + (" ..." if len(data) > 12 else "")
+
+
+def _is_text(data: bytes | bytearray) -> bool:
+    """Four printable ASCII characters: a Modbus RTU answer's second byte is a function code
+    (1..127, or that + 0x80), never a letter, so text is another protocol speaking."""
+    return len(data) >= 4 and all(0x20 <= b < 0x7F or b in (0x09, 0x0A, 0x0D) for b in data[:4])
 
 
 @attrs.frozen
@@ -224,9 +252,14 @@ class RtuCodec:
         return 8
 
     def response(self) -> Response | None:
-        """The response, when complete; None when more bytes are needed."""
+        """The response, when complete; None when more bytes are needed. Raises
+        ``FrameError`` for a corrupted frame, ``NotModbusError`` for text."""
         assert self._request is not None, "encode() a request first"
         request = self._request
+        if _is_text(self._buffer):
+            answer = _quote(bytes(self._buffer))
+            self._buffer.clear()
+            raise NotModbusError(answer)
         size = self.expected_length()
         if size is None or len(self._buffer) < size:
             return None
@@ -265,13 +298,18 @@ class MbapCodec:
         self._buffer += data
 
     def response(self) -> Response | None:
+        """The response, when complete; None when more bytes are needed. Raises
+        ``FrameError`` for a malformed answer, ``NotModbusError`` when the bytes are not
+        MBAP at all (TCP does not corrupt bytes: a bad header is another protocol)."""
         assert self._request is not None, "encode() a request first"
-        while len(self._buffer) >= 8:
-            if self._buffer[2:4] != b"\x00\x00":
-                raise FrameError(f"not Modbus TCP: protocol id {self._buffer[2:4].hex()}")
+        while len(self._buffer) >= 4:
+            if self._buffer[2:4] != b"\x00\x00":  # the protocol id is 0 for Modbus
+                raise self._not_modbus()
+            if len(self._buffer) < 6:
+                return None
             size = 6 + int.from_bytes(self._buffer[4:6], "big")
             if size < 8 or size > 260:
-                raise FrameError(f"invalid MBAP length {size - 6}")
+                raise self._not_modbus()
             if len(self._buffer) < size:
                 return None
             frame = bytes(self._buffer[:size])
@@ -284,3 +322,9 @@ class MbapCodec:
                 raise FrameError(f"response from unit {frame[6]}, expected {self._request.unit_id}")
             return _response(self._request, _decode_pdu(frame[7:]))
         return None
+
+    def _not_modbus(self) -> NotModbusError:
+        # Nothing after a foreign header can be framed: drop it all (the link reconnects).
+        error = NotModbusError(_quote(bytes(self._buffer)))
+        self._buffer.clear()
+        return error

@@ -245,8 +245,9 @@ class ModbusRtuBusConfig(SerialPortConfig):
     retries: int = 1
     """Retries after a CRC or framing error."""
     backoff_initial: Duration = Duration(1.0)
-    backoff_max: Duration = Duration(60.0)
-    """Per-device backoff after a timeout, so a dead slave costs the bus little."""
+    backoff_max: Duration = Duration(5.0)
+    """Per-device backoff after a timeout, so a dead slave costs the bus little, and port
+    reopens; short, so a device or adapter that is back is read again within seconds."""
     devices: tuple[ModbusDeviceConfig, ...] = ()
 
     def topics(self) -> Iterator[str]:
@@ -290,8 +291,9 @@ class ModbusTcpBusConfig:
     """Some devices drop requests sent right after the connection opens."""
     retries: int = 0
     backoff_initial: Duration = Duration(1.0)
-    backoff_max: Duration = Duration(60.0)
-    """Reconnect backoff, and per-device backoff after a timeout."""
+    backoff_max: Duration = Duration(5.0)
+    """Reconnect backoff, and per-device backoff after a timeout; short, so a PLC that is
+    back is read again within seconds."""
     devices: tuple[ModbusDeviceConfig, ...] = ()
 
     def describe(self) -> str:

@@ -2,10 +2,17 @@
 
 MBAP framing with transaction ids (``framing = "mbap"``), or RTU frames over TCP for serial
 device servers (``framing = "rtu"``). One outstanding request at a time.
+
+RTU frames carry no transaction id, so over TCP a late answer could be taken for the next
+request's: stale input is dropped before each request and, after a timeout, the connection
+is reopened so that an answer still on its way cannot arrive at all. A peer that answers in
+another protocol gets its connection reopened too (the rest of its answer would follow).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 import trio
@@ -14,7 +21,15 @@ from drivers.base import BusContext
 from drivers.modbus.bus import ModbusBus
 from drivers.modbus.codec import MbapCodec, RtuCodec
 from drivers.modbus.config import ModbusTcpBusConfig
-from drivers.modbus.link import Link, Stream
+from drivers.modbus.link import ConnectError, Disconnected, Link, Stream
+from gateway.core.backoff import Backoff
+
+_CONNECT_HINTS = {
+    errno.ECONNREFUSED: "nothing accepts connections there: is the device on, is the port right?",
+    errno.EHOSTUNREACH: "is the device on, is the address right?",
+    errno.ENETUNREACH: "check the address and this machine's network settings",
+    errno.ETIMEDOUT: "is the device on, does a firewall drop the packets?",
+}
 
 
 class TcpStream:
@@ -52,6 +67,18 @@ class TcpStream:
             except BlockingIOError:
                 continue
 
+    def discard_input(self) -> int:
+        """Drop what the socket already holds, without waiting; returns how many bytes."""
+        dropped = 0
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except BlockingIOError:
+                return dropped
+            if not data:
+                raise Disconnected("connection closed by the device")
+            dropped += len(data)
+
     async def aclose(self) -> None:
         if self._sock.fileno() != -1:
             trio.lowlevel.notify_closing(self._sock)
@@ -59,23 +86,65 @@ class TcpStream:
         await trio.lowlevel.checkpoint()
 
 
+def connect_error(host: str, where: str, error: OSError) -> ConnectError:
+    """What a failed connect means, naming the host (and port): resolution, refusal..."""
+    if isinstance(error, socket.gaierror):
+        return ConnectError(
+            f"cannot resolve host {host!r} ({error.strerror}): check the name or use an IP address",
+            f"cannot resolve {host}",
+        )
+    # trio.open_tcp_stream raises "all attempts to connect to h:p failed" from a group of
+    # each address's error: the first one with an errno says what happened.
+    cause: BaseException = error
+    if isinstance(error.__cause__, BaseExceptionGroup):
+        cause = next(
+            (e for e in error.__cause__.exceptions if isinstance(e, OSError) and e.errno),
+            error,
+        )
+    code = cause.errno if isinstance(cause, OSError) else None
+    if not code:
+        return ConnectError(f"cannot connect to {where}: {error}", f"{where} {error}")
+    what = os.strerror(code).lower()
+    hint = _CONNECT_HINTS.get(code)
+    return ConnectError(
+        f"cannot connect to {where}: {what}" + (f" ({hint})" if hint else ""),
+        f"{where} {what}",
+    )
+
+
+def _discard_input(stream: Stream) -> int:
+    assert isinstance(stream, TcpStream)
+    return stream.discard_input()
+
+
 def modbus_tcp_bus(config: ModbusTcpBusConfig, context: BusContext) -> ModbusBus:
+    where = config.describe()
+
     async def open_stream() -> Stream:
-        with trio.move_on_after(config.connect_timeout):
-            return await TcpStream.connect(config.host, config.port)
-        raise OSError(
-            f"connect to {config.host}:{config.port} timed out after {config.connect_timeout:g}s"
+        try:
+            with trio.move_on_after(config.connect_timeout):
+                return await TcpStream.connect(config.host, config.port)
+        except OSError as e:
+            raise connect_error(config.host, where, e) from e
+        raise ConnectError(
+            f"cannot connect to {where}: no answer within {config.connect_timeout:g}s "
+            "(is the device on, does a firewall drop the packets?)",
+            f"{where} not answering",
         )
 
-    codec = MbapCodec if config.framing == "mbap" else RtuCodec
+    rtu = config.framing == "rtu"
     link = Link(
         config.name,
         open_stream,
-        codec,
+        RtuCodec if rtu else MbapCodec,
+        where=where,
         timeout=config.timeout,
         retries=config.retries,
         pause_after_connect=config.pause_after_connect,
-        backoff_initial=config.backoff_initial,
-        backoff_max=config.backoff_max,
+        backoff=Backoff(config.backoff_initial, config.backoff_max),
+        # MBAP's transaction ids already skip late answers: no extra syscall per request.
+        discard_input=_discard_input if rtu else None,
+        resync_on_timeout=rtu,
+        resync_on_not_modbus=True,
     )
     return ModbusBus(config.name, config.devices, context, link)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import IO
 
 _PRIORITY = {
@@ -67,8 +69,31 @@ def under_journal() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM"))
 
 
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """``sys.excepthook``: a traceback nobody caught goes through our handler at critical
+    priority, so ``journalctl -p warning`` (or ``-p crit``) shows a crash."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("gateway").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("gateway").critical(
+        "uncaught exception in thread %s",
+        name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
 def setup(level: str = "info", stream: IO[str] | None = None) -> None:
-    """Configure the root logger once; call again to change the level (reload)."""
+    """Configure the root logger once; call again to change the level (reload). Uncaught
+    exceptions (main thread and worker threads) are logged at critical priority."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     # Libraries chat at INFO about every request; our lines say what matters. Set on every
@@ -78,6 +103,8 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     for handler in root.handlers:
         if getattr(handler, "_edge_gateway", False):
             return
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_Formatter(journal=under_journal()))
     handler._edge_gateway = True  # type: ignore[attr-defined]
