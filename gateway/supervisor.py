@@ -107,6 +107,7 @@ class Supervised:
         self.part: Part | None = None
         self._stalled = False
         self._stopped = False
+        self._condition_failed = False
         self._cancel_scope: trio.CancelScope | None = None
         self._observed = Condition(State.STARTING)
         self._observed_since = wall_clock()
@@ -118,7 +119,13 @@ class Supervised:
 
     def _condition(self) -> Condition:
         if self.state is State.UP and self.part is not None:
-            return self.part.condition()
+            try:
+                return self.part.condition()
+            except Exception as e:  # a defect in a driver's report must not stop the tree
+                if not self._condition_failed:
+                    self._condition_failed = True
+                    log.error("%s %s: condition() failed", self.kind, self.name, exc_info=e)
+                return Condition(State.DEGRADED, f"health unknown ({describe_error(e)})")
         if self._stopped:
             return Condition(State.DOWN, "stopped")
         if self.state is State.DOWN:

@@ -24,7 +24,7 @@ from gateway import app, cli
 from gateway.app import ComponentSpec, Gateway, Stage, status_of
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.backoff import Backoff
-from gateway.core.component import Health, StartPolicy, StartupError, State
+from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
 from gateway.hub import Hub
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised
@@ -392,3 +392,63 @@ def test_sigterm_during_start_up_stops_without_ready(
     assert d.notify is not None
     d.notify.drain()
     assert not any("READY=1" in m for m in d.notify.messages), d.notify.messages
+
+
+async def test_components_stop_stage_by_stage_producers_first() -> None:
+    """Stop order is the reverse of the data flow: producers, consumers (which first drain),
+    store, connections, API; start order is the order of the specs."""
+    events: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+            events.append(f"start {self.name}")
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                events.append(f"stop {self.name}")
+
+        def condition(self) -> Condition:
+            return UP
+
+        def statistics(self) -> object:
+            return None
+
+    class Draining(Supervised):
+        async def drain(self) -> None:
+            events.append(f"drain {self.name}")
+            await trio.lowlevel.checkpoint()
+
+    def spec(name: str, stage: Stage) -> ComponentSpec:
+        def build() -> Supervised:
+            cls = Draining if stage is Stage.CONSUMERS else Supervised
+            return cls(name, lambda progress: Recorder(name), Backoff(), kind=name)  # type: ignore[arg-type,return-value]
+
+        return ComponentSpec(name, name, stage, None, build)
+
+    components = app.Components()
+    wanted = [
+        spec("api", Stage.API),
+        spec("outbox", Stage.STORE),
+        spec("wss", Stage.CONNECTIONS),
+        spec("forwarder", Stage.CONSUMERS),
+        spec("bus", Stage.PRODUCERS),
+    ]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(components.run, wanted)
+        await components.stop_all()
+        nursery.cancel_scope.cancel()
+    starts = [e for e in events if e.startswith("start")]
+    assert starts == [f"start {s.name}" for s in wanted]
+    assert [e for e in events if not e.startswith("start")] == [
+        "stop bus",
+        "drain forwarder",
+        "stop forwarder",
+        "stop outbox",
+        "stop wss",
+        "stop api",
+    ]
+    assert components.all() == []

@@ -293,3 +293,22 @@ async def test_delays_kept_are_bounded(autojump_clock: trio.testing.MockClock) -
         nursery.cancel_scope.cancel()
     assert sup.total_failures > 500
     assert len(sup.delays) == 32
+
+
+async def test_a_failing_condition_report_degrades_health_instead_of_crashing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Broken(FnPart):
+        def condition(self) -> Condition:
+            raise KeyError("oops")
+
+    sup = Supervised(
+        "x", lambda progress: Broken(lambda *, task_status: _serve_forever(task_status)), Backoff()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        health = sup.health()
+        assert health.state is State.DEGRADED
+        assert health.reason == "health unknown (KeyError: 'oops')"
+        assert sup.total_failures == 0  # the part keeps running
+        nursery.cancel_scope.cancel()
