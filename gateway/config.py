@@ -59,7 +59,7 @@ EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 stops a cra
 MAX_CONFIG_FILE = 1024 * 1024
 """A config file larger than 1 MiB is refused unread: it cannot be a real config."""
 MAX_NESTING = 32
-"""Tables and arrays inside each other; the deepest real key (a point's table) is 5 levels."""
+"""Tables and arrays inside each other; the deepest real table (a sim or Modbus point) is 6."""
 MAX_INT = 2**63 - 1
 """TOML's whole numbers are 64-bit; Python's parser accepts more."""
 

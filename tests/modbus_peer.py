@@ -194,6 +194,7 @@ class LoopbackPeer:
         self._streams: list[trio.SocketStream] = []
         self._scope: trio.CancelScope | None = None
         self._closed = trio.Event()
+        self._sending = trio.Lock()  # send_raw and the handler may send on one stream
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._closed = trio.Event()
@@ -213,7 +214,8 @@ class LoopbackPeer:
         await self._closed.wait()
 
     async def send_raw(self, data: bytes) -> None:
-        await self._streams[-1].send_all(data)
+        async with self._sending:
+            await self._streams[-1].send_all(data)
 
     def answer(self, unit: int, function: int, address: int, count: int) -> bytes:
         """The answer to a read, framed (without MBAP header: ``_frame`` adds it)."""
@@ -246,7 +248,8 @@ class LoopbackPeer:
                     continue
                 if held is not None:
                     answer, held = held + answer, None
-                await stream.send_all(answer)
+                async with self._sending:
+                    await stream.send_all(answer)
 
     def _take_request(self, buffer: bytearray) -> tuple[int, int, int, int, int] | None:
         """(transaction id, unit, function, address, count) of a complete read request:

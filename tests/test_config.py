@@ -349,7 +349,7 @@ class _TokenBusConfig:
 
 KINDS_WITH_TOKEN = {
     **KINDS,
-    "token-test": DriverKind("token-test", _TokenBusConfig, SimBus, "test only"),  # type: ignore[arg-type]
+    "token-test": DriverKind("token-test", _TokenBusConfig, SimBus, "test only"),
 }
 
 TOKEN_BUS = '[[buses]]\nname = "t"\nkind = "token-test"\ntoken_file = "{}"\n'
@@ -377,7 +377,8 @@ def test_secret_resolves_against_credentials_directory(
     config = parse_config(
         TOKEN_BUS.format("token"), config_dir=tmp_path / "elsewhere", kinds=KINDS_WITH_TOKEN
     )
-    secret = config.buses[0].token_file
+    secret = config.buses[0].token_file  # type: ignore[attr-defined]
+    assert isinstance(secret, Secret)
     assert secret.reveal() == "s3cr3t-value"
     assert secret.matches("s3cr3t-value")
     assert not secret.matches("guess")

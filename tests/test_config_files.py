@@ -27,10 +27,11 @@ from gateway.config import (
     parse_config,
     state_dir_problems,
 )
+from gateway.core.configtypes import Secret
 from tests.test_config import KINDS_WITH_TOKEN, TOKEN_BUS
 
 if TYPE_CHECKING:
-    from conftest import Daemon
+    from conftest import Daemon  # type: ignore[import-not-found]
 
 RunGateway = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -235,11 +236,29 @@ def test_secret_fifo_is_refused_without_blocking(
     ]
 
 
+def test_secret_file_over_64_kib_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    (tmp_path / "token").write_bytes(b"x" * (64 * 1024 + 1))
+    with pytest.raises(ConfigError) as info:
+        parse_config(TOKEN_BUS.format("token"), config_dir=tmp_path, kinds=KINDS_WITH_TOKEN)
+    assert info.value.problems == [
+        (
+            "buses[0].token_file",
+            f"secret file '{tmp_path / 'token'}' is 65537 bytes, more than the limit of 64KiB: "
+            "give the path of the file that holds the secret",
+        )
+    ]
+
+
 def test_secret_with_byte_order_mark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     (tmp_path / "token").write_text("s3cret\n", encoding="utf-8-sig")
     config = parse_config(TOKEN_BUS.format("token"), config_dir=tmp_path, kinds=KINDS_WITH_TOKEN)
-    assert config.buses[0].token_file.matches("s3cret")
+    secret = config.buses[0].token_file  # type: ignore[attr-defined]
+    assert isinstance(secret, Secret)
+    assert secret.matches("s3cret")
 
 
 # ---- the same through the real command ---------------------------------------------------------
@@ -363,15 +382,13 @@ def test_run_refuses_an_infinite_duration(
             id="deep-nesting",
         ),
         pytest.param(
-            lambda p: (p.unlink(), os.mkfifo(p)),
+            lambda p: (p.unlink(), os.mkfifo(p)),  # type: ignore[func-returns-value]
             "is a FIFO (named pipe), not a regular file: pass the path of the TOML config file",
             id="fifo",
         ),
         pytest.param(
-            lambda p: p.write_text(
-                p.read_text() + "\n[hub]\nsubscriber_buffer = nan\n", encoding="utf-8"
-            ),
-            "hub.subscriber_buffer: nan is not a whole number",
+            lambda p: p.write_text(p.read_text() + SIM_POINT.format("step = nan")),
+            "buses[1].devices[0].points[0].step: nan is not a finite number: write a number",
             id="nan",
         ),
     ],

@@ -182,7 +182,6 @@ class Link:
                     self.resyncs += 1
                     continue
                 failures = 1
-                self._down_reason = f"{self.where} connection lost"
                 log.warning(
                     "%s: connection lost: %s; reconnecting",
                     self.name,
@@ -217,6 +216,7 @@ class Link:
     def _drop(self, reason: str) -> None:
         """The stream broke: ``run`` closes it and reconnects with backoff."""
         self.last_error = reason
+        self._down_reason = f"{self.where} connection lost"
         self._stream = None  # nobody sends on it any more, whoever runs first
         self._lost.set()
 
