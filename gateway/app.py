@@ -33,7 +33,7 @@ from drivers.base import BusConfig, BusContext
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
-from gateway.config import Config, ConfigError, restart_needed
+from gateway.config import Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
 from gateway.core.backoff import Backoff
 from gateway.core.component import Health, StartupError, State
@@ -434,7 +434,7 @@ class Gateway:
 
 PLURALS = {"bus": "buses"}
 REASONS_SHOWN = 3
-REASON_LENGTH = 60
+REASON_LENGTH = 100
 
 
 def status_of(kind: str, members: list[tuple[str, Health]]) -> str:
@@ -460,8 +460,13 @@ def status_of(kind: str, members: list[tuple[str, Health]]) -> str:
 
 
 def _short(reason: str | None) -> str:
+    """One line of at most ``REASON_LENGTH`` characters; the middle goes, since both ends
+    matter (``/dev/serial/by-id/usb-FTDI_..._A50285BI-if00-port0 missing``)."""
     text = " ".join((reason or "").split())
-    return text if len(text) <= REASON_LENGTH else text[: REASON_LENGTH - 3] + "..."
+    if len(text) <= REASON_LENGTH:
+        return text
+    keep = (REASON_LENGTH - 3) // 2
+    return text[:keep] + "..." + text[-keep:]
 
 
 def _first(group: BaseExceptionGroup[StartupError]) -> StartupError:
@@ -493,15 +498,9 @@ def prepare_state_dir(config: Config, source: str) -> Config:
         probe = path / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
         raise ConfigError(
-            source,
-            [
-                (
-                    "gateway.state_dir",
-                    f"{str(path)!r} is not a writable directory ({e.strerror}): create it for "
-                    "the gateway's user, or use systemd's StateDirectory=",
-                )
-            ],
+            source, [("gateway.state_dir", state_dir_message(str(path), reason))]
         ) from None
     return config

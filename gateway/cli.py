@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_config(path: Path, *, plan: bool = False) -> int:
     try:
-        config = load_config(path)
+        config = load_config(path, check_state_dir=True)
     except ConfigError as e:
         print("\n".join(e.lines()), file=sys.stderr)
         print(f"{len(e.problems)} problem(s); nothing was started", file=sys.stderr)

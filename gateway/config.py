@@ -489,7 +489,7 @@ def summary(config: Config) -> list[str]:
         topics = list(bus.topics())
         devices = len({t.split("/")[1] for t in topics})
         lines.append(
-            f"bus {bus.name} ({bus.kind}) at {bus.describe()}: "
+            f"bus {bus.name} ({bus.kind}, {bus.describe()}): "
             f"{_count(devices, 'device')}, {_count(len(topics), 'point')}"
         )
     if not config.buses:

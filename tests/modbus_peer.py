@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import trio
@@ -44,11 +46,28 @@ def device(
     return SimDevice(unit, simdata=(bits(coils), bits(discrete), regs(holding), regs(input)))
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except OSError:
+        return 32768, 60999
+    return int(low), int(high)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free TCP port on 127.0.0.1, outside the kernel's range of ephemeral (client) ports:
+    a client that keeps reconnecting to a port where nothing listens could otherwise be given
+    that very port as its own and connect to itself (TCP self-connect)."""
+    low, high = _ephemeral_ports()
+    candidates = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    for port in random.sample(candidates, 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 class ModbusPeer:
@@ -172,7 +191,7 @@ class LoopbackPeer:
     which request it belongs to. ``framing``: ``"mbap"`` or ``"rtu"`` (RTU frames over TCP, as
     a serial device server passes them).
 
-    ``await nursery.start(peer.serve)`` listens on 127.0.0.1 (``peer.port``); ``await
+    ``await nursery.start(peer.serve)`` listens on 127.0.0.1, ``peer.port``; ``await
     peer.close()`` closes the listener and every connection (the device is off: connects are
     refused); ``serve`` again listens on the same port. Misbehaviour on demand:
 
@@ -184,7 +203,7 @@ class LoopbackPeer:
 
     def __init__(self, framing: Literal["mbap", "rtu"] = "mbap") -> None:
         self.framing = framing
-        self.port = 0
+        self.port = free_port()
         self.silent_units: set[int] = set()
         self.hold_next = False
         self.registers: Callable[[int, int], int] = lambda unit, address: address
@@ -196,12 +215,15 @@ class LoopbackPeer:
         self._closed = trio.Event()
         self._sending = trio.Lock()  # send_raw and the handler may send on one stream
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         self._closed = trio.Event()
         try:
             with trio.CancelScope() as self._scope:
                 listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-                self.port = listeners[0].socket.getsockname()[1]
                 await trio.serve_listeners(self._handle, listeners, task_status=task_status)
         finally:
             self._streams.clear()

@@ -236,8 +236,7 @@ points = [{{ name = "t" }}]
         await gw.ready.wait()
         await trio.sleep(1)
         line = gw.status_line()
-        assert line.startswith("2 buses up, 1 down (line-1: "), line
-        assert str(missing) in line
+        assert line == f"2 buses up, 1 down (line-1: {missing} missing)"
         health = gw.health()["line-1"]
         assert health.state is State.DOWN
         nursery.cancel_scope.cancel()
@@ -257,9 +256,9 @@ def test_status_of_groups_states_with_reasons() -> None:
         "2 buses up, 1 degraded (plc: meter not answering), 1 down (line-1: /dev/ttyUSB9 missing)"
     )
     assert status_of("bus", [("a", h(State.UP))]) == "1 bus up, 0 down"
-    many = [(f"b{i}", h(State.DOWN, "x" * 100)) for i in range(5)]
+    many = [(f"b{i}", h(State.DOWN, "a" * 60 + "z" * 60)) for i in range(5)]
     text = status_of("bus", many)
-    assert text.startswith("0 buses up, 5 down (b0: " + "x" * 57 + "...")
+    assert text.startswith("0 buses up, 5 down (b0: " + "a" * 48 + "..." + "z" * 48 + ";")
     assert text.endswith("; +2 more)")
     assert (
         status_of("outbox", [("outbox", h(State.STARTING))]) == "0 outboxs up, 1 starting, 0 down"
@@ -360,7 +359,9 @@ def test_second_sigterm_soon_after_the_first_still_exits_0(
     d.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0, d.lines
     assert d.lines[-1].endswith("gateway: stopped"), d.lines
-    assert not any("Traceback" in line or "Exception ignored" in line for line in d.lines)
+    assert not any("Traceback" in line or "Exception ignored" in line for line in d.lines), (
+        "\n".join(d.lines)
+    )
 
 
 @pytest.mark.parametrize("gap", [0.0, 0.002, 0.02])

@@ -109,8 +109,8 @@ def test_check_config_good_prints_summary(
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{path}: OK"
-    assert "  bus line-1 (sim): 1 devices, 2 points" in lines
-    assert "  bus line-2 (sim): 1 devices, 1 points" in lines
+    assert "  bus line-1 (sim, simulated): 1 device, 2 points" in lines
+    assert "  bus line-2 (sim, simulated): 1 device, 1 point" in lines
     assert any(line.startswith("  gateway test: state in ") for line in lines)
 
 

@@ -64,7 +64,7 @@ def test_sim_bus_is_structured_by_kind() -> None:
     assert isinstance(bus, SimBusConfig)
     assert bus.devices[0].interval == 0.25
     assert list(bus.topics()) == ["line-1/boiler/temperature"]
-    assert summary(config)[-1] == "bus line-1 (sim) at simulated: 1 device, 1 point"
+    assert summary(config)[-1] == "bus line-1 (sim, simulated): 1 device, 1 point"
 
 
 def test_summary_says_where_each_bus_is() -> None:
@@ -95,8 +95,8 @@ def test_summary_says_where_each_bus_is() -> None:
         """.replace("\n        ", "\n")
     )
     assert summary(config)[2:] == [
-        "bus plc (modbus-tcp) at 10.0.0.5:502: 2 devices, 3 points",
-        "bus rs485 (modbus-rtu) at /dev/ttyUSB0 19200 8E1: 1 device, 1 point",
+        "bus plc (modbus-tcp, 10.0.0.5:502): 2 devices, 3 points",
+        "bus rs485 (modbus-rtu, /dev/ttyUSB0 19200 8E1): 1 device, 1 point",
     ]
 
 

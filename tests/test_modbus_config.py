@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.modbus.config import ModbusRtuBusConfig
+from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from gateway.config import ConfigError, parse_config
 
 HEAD = """
@@ -159,3 +159,17 @@ def test_t35_gap_follows_the_baud_rate(baudrate: int, gap_ms: float) -> None:
     ).buses[0]
     assert isinstance(config, ModbusRtuBusConfig)
     assert config.gap * 1000 == pytest.approx(gap_ms, abs=0.01)
+
+
+def test_backoff_defaults_to_one_then_at_most_five_seconds() -> None:
+    # Short enough that a device back after any outage is read again within seconds.
+    rtu = parse_config(
+        HEAD.format(points='{ name = "v", table = "holding", address = 0 }', bus="", unit=1)
+    )
+    tcp = parse_config(
+        '[[buses]]\nname = "plc"\nkind = "modbus-tcp"\nhost = "10.0.0.5"\n'
+        '[[buses.devices]]\nname = "d"\npoints = [{ name = "v", table = "holding", address = 0 }]\n'
+    )
+    for config in (rtu.buses[0], tcp.buses[0]):
+        assert isinstance(config, ModbusRtuBusConfig | ModbusTcpBusConfig)
+        assert (config.backoff_initial, config.backoff_max) == (1.0, 5.0)

@@ -10,6 +10,7 @@ import math
 import random
 import re
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 
 import attrs
 import pytest
@@ -398,7 +399,7 @@ async def test_an_http_server_on_the_port_is_reported_as_not_modbus(
 ) -> None:
     rec = Recorder()
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, http_400, 0)
+        listeners = await nursery.start(partial(trio.serve_tcp, http_400, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         bus = modbus_tcp_bus(bus_config(port, framing=framing), rec.context())
         await nursery.start(bus.run)

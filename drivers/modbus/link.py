@@ -88,6 +88,7 @@ class Link:
         codec: Callable[[], RtuCodec | MbapCodec],
         *,
         where: str | None = None,
+        lost: str = "connection lost",
         timeout: float,
         gap: float = 0.0,
         retries: int = 0,
@@ -97,7 +98,8 @@ class Link:
         resync_on_timeout: bool = False,
         resync_on_not_modbus: bool = False,
     ) -> None:
-        """``where`` names the line in conditions (``10.0.0.5:502``, ``/dev/ttyUSB0``).
+        """``where`` names the line in conditions (``10.0.0.5:502``, ``/dev/ttyUSB0``) and
+        ``lost`` says what happened when it broke (``connection lost``, ``device gone``).
         ``backoff`` paces reconnects (and the bus's per-device probes).
         ``discard_input`` drops stale input before each request and returns how many bytes.
         ``resync_on_timeout``: reopen the stream after a timeout, for framings without
@@ -106,6 +108,7 @@ class Link:
         (TCP: the rest of it would follow)."""
         self.name = name
         self.where = where or name
+        self.lost_reason = lost
         self._open = open_stream
         self._make_codec = codec
         self._codec: RtuCodec | MbapCodec = codec()
@@ -216,7 +219,7 @@ class Link:
     def _drop(self, reason: str) -> None:
         """The stream broke: ``run`` closes it and reconnects with backoff."""
         self.last_error = reason
-        self._down_reason = f"{self.where} connection lost"
+        self._down_reason = f"{self.where} {self.lost_reason}"
         self._stream = None  # nobody sends on it any more, whoever runs first
         self._lost.set()
 

@@ -49,6 +49,7 @@ def modbus_rtu_bus(config: ModbusRtuBusConfig, context: BusContext) -> ModbusBus
         open_stream,
         RtuCodec,
         where=config.port,
+        lost="device gone",
         timeout=config.timeout,
         gap=config.gap,
         retries=config.retries,
