@@ -205,8 +205,19 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
     logs.setup(config.logging.level)
     notifier = Notifier()
     gateway = Gateway.create(config, load, notifier)
+
+    async def serve() -> None:
+        try:
+            await gateway.run(extras, stop_requested=bool(terms))
+        finally:
+            # The gateway has stopped: nothing is left for a signal to do. Ignored, not just
+            # handled: trio closes its signal wakeup socket before it restores the previous
+            # one, and a handled signal in between prints "Exception ignored when trying to
+            # write to the signal wakeup fd".
+            _ignore_stop_signals()
+
     try:
-        trio.run(lambda: gateway.run(extras, stop_requested=bool(terms)))
+        trio.run(serve)
     except StartupError as e:
         log.critical("cannot start: %s (exit %d)", e, e.exit_status)
         return e.exit_status
@@ -219,11 +230,15 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
         # From here on the process only exits. Ignored, not handled: at exit the interpreter
         # resets Python-level handlers to the default, which would let a late SIGTERM kill it
         # (exit 143) and a late SIGINT raise into an atexit callback.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _ignore_stop_signals()
         notifier.close()
     log.info("stopped")
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

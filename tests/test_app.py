@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -288,6 +288,16 @@ def _failing_required(hub: Hub) -> ComponentSpec:
     return ComponentSpec("api", "api", Stage.API, None, build)
 
 
+@pytest.fixture
+def keep_signal_handlers() -> Iterator[None]:
+    """``cli._serve`` sets the process's SIGTERM/SIGINT handlers: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.usefixtures("keep_signal_handlers")
 def test_required_component_that_cannot_start_ends_the_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -303,6 +313,7 @@ def test_required_component_that_cannot_start_ends_the_process(
     ]
 
 
+@pytest.mark.usefixtures("keep_signal_handlers")
 def test_config_error_in_the_loader_is_exit_78(tmp_path: Path) -> None:
     def broken() -> Config:
         raise ConfigError("x.toml", [("gateway.name", "bad")])

@@ -5,8 +5,10 @@ clock. Connection failures that name the host, ``condition()`` and ``statistics(
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import random
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +25,7 @@ from drivers.modbus.bus import DeviceStatistics, ModbusBus, ModbusBusStatistics
 from drivers.modbus.codec import Request
 from drivers.modbus.config import ModbusTcpBusConfig
 from drivers.modbus.link import LinkStatistics
-from drivers.modbus.tcp import modbus_tcp_bus
+from drivers.modbus.tcp import connect_error, modbus_tcp_bus
 from gateway.config import parse_config
 from gateway.core.component import UP, Condition, State
 from gateway.core.reading import Quality
@@ -472,7 +474,8 @@ async def test_lost_connection_is_down_then_up_again(peer: ModbusPeer) -> None:
     bus = modbus_tcp_bus(bus_config(peer.port), rec.context())
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
-        await rec.wait_until(lambda: bus.condition() == UP)
+        await rec.wait_latest("plc/d1/i32", lambda r: r.good)
+        assert bus.condition() == UP
         await trio.to_thread.run_sync(peer.stop)
         await rec.wait_until(lambda: bus.condition().state is State.DOWN)
         assert bus.condition().reason in (
@@ -480,7 +483,8 @@ async def test_lost_connection_is_down_then_up_again(peer: ModbusPeer) -> None:
             f"127.0.0.1:{peer.port} connection refused",
         )
         await trio.to_thread.run_sync(peer.start)
-        await rec.wait_until(lambda: bus.condition() == UP)
+        await rec.wait_latest("plc/d1/i32", lambda r: r.good)
+        assert bus.condition() == UP
         nursery.cancel_scope.cancel()
 
 
@@ -592,3 +596,28 @@ async def test_statistics_are_frozen_values(running: tuple[ModbusBus, Recorder])
     polls = stats.devices["d1"].polls
     await rec.wait_until(lambda: bus.devices["d1"].stats.polls > polls)
     assert stats.devices["d1"].polls == polls
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "short"),
+    [
+        (
+            errno.EHOSTUNREACH,
+            "cannot connect to 10.0.0.5:502: no route to host "
+            "(is the device on, is the address right?)",
+            "10.0.0.5:502 no route to host",
+        ),
+        (
+            errno.ENETUNREACH,
+            "cannot connect to 10.0.0.5:502: network is unreachable "
+            "(check the address and this machine's network settings)",
+            "10.0.0.5:502 network is unreachable",
+        ),
+    ],
+)
+def test_connect_errors_name_host_and_port(code: int, message: str, short: str) -> None:
+    # What trio.open_tcp_stream raises: one OSError caused by a group of each attempt's error.
+    error = OSError("all attempts to connect to 10.0.0.5:502 failed")
+    error.__cause__ = ExceptionGroup("attempts", [OSError(code, os.strerror(code))])
+    result = connect_error("10.0.0.5", "10.0.0.5:502", error)
+    assert (str(result), result.short) == (message, short)
