@@ -11,8 +11,10 @@ import math
 import os
 import random
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
+from typing import NoReturn
 
 import attrs
 import pytest
@@ -449,8 +451,30 @@ async def test_refused_connection_names_host_and_port(caplog: pytest.LogCaptureF
     assert warnings == [f"plc: {message}; retrying with backoff"]
 
 
+class NoSuchHost(trio.abc.HostnameResolver):
+    """A resolver that knows no names, as a DNS server answers for ``.invalid`` (RFC 6761).
+    Tests send no traffic beyond loopback, so the query never leaves the process."""
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> NoReturn:
+        await trio.lowlevel.checkpoint()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
+    ) -> tuple[str, str]:
+        raise NotImplementedError
+
+
 async def test_unresolvable_host_is_named(caplog: pytest.LogCaptureFixture) -> None:
-    # .invalid is reserved (RFC 6761): it never resolves.
+    trio.socket.set_custom_hostname_resolver(NoSuchHost())  # for this trio.run only
     rec = Recorder()
     bus = modbus_tcp_bus(bus_config(502, host='"plc-7.invalid"'), rec.context())
     async with trio.open_nursery() as nursery:
