@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -135,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `check-config | head`: the reader has all it wanted. Quietly, as other tools do;
+        # stdout goes to /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception:  # a defect: say so at critical priority, exit for systemd to restart
         log.critical("edge-gateway crashed; please report this traceback", exc_info=True)
         return EX_SOFTWARE

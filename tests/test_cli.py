@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from drivers.registry import KINDS
+from tests.conftest import gateway_command, gateway_env
 
 if TYPE_CHECKING:
     from conftest import Daemon, NotifySocket
@@ -331,3 +332,25 @@ def test_failing_bus_is_restarted_while_others_keep_publishing(
     assert not any("line-1" in line and "failed" in line for line in d.lines)
     d.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0
+
+
+def test_check_config_into_a_closed_pipe_exits_quietly(
+    gateway_config: Callable[..., Path],
+) -> None:
+    """``check-config | head -1``: the reader goes away; no crash report, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    try:
+        result = subprocess.run(
+            gateway_command("check-config", "--plan", "--config", str(gateway_config())),
+            env=gateway_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE
+    assert result.stderr == ""
