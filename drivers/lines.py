@@ -145,7 +145,8 @@ def sentence_problem(sentence: str) -> str | None:
     type (``GPGGA``), or a proprietary id (``P...``, taken as given)."""
     if not _SENTENCE.fullmatch(sentence):
         upper = sentence.upper()
-        hint = _did_you_mean([upper]) if sentence_problem(upper) is None else ""
+        fixed = upper != sentence and sentence_problem(upper) is None  # recurse only on a change
+        hint = _did_you_mean([upper]) if fixed else ""
         return (
             f"{sentence!r} is not a sentence type{hint}: three letters for any talker "
             '("GGA"), or talker and type ("GPGGA"), in capitals'

@@ -40,7 +40,7 @@ from gateway.core.component import Health, StartupError, State
 from gateway.core.logs import kv
 from gateway.hub import Hub, HubStatistics
 from gateway.sdnotify import Notifier
-from gateway.supervisor import Supervised, SupervisedStatistics
+from gateway.supervisor import Supervised, SupervisedStatistics, describe_error
 
 log = logging.getLogger("gateway")
 
@@ -352,6 +352,13 @@ class Gateway:
                 for line in e.lines():
                     log.error("reload rejected: %s", line)
                 log.error("reload rejected: keeping the running configuration (fix and reload)")
+                return
+            except Exception as e:  # a defect in the loader must not end a running gateway
+                log.critical(
+                    "reload failed: %s; keeping the running configuration (please report this)",
+                    describe_error(e),
+                    exc_info=e,
+                )
                 return
             if self.stopping:
                 return

@@ -336,7 +336,13 @@ def parse_config(
         raise ConfigError(source, list(_problems(e, ""))) from None
     except RecursionError:
         raise ConfigError(source, [("", _TOO_DEEP)]) from None
-    problems = list(config.check())
+    try:
+        problems = list(config.check())
+    except Exception as e:  # a defect in a check must still end as a config error (exit 78)
+        raise ConfigError(
+            source,
+            [("", f"the config could not be checked ({type(e).__name__}: {e}); please report it")],
+        ) from e
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -464,3 +464,25 @@ async def test_components_stop_stage_by_stage_producers_first() -> None:
         "stop api",
     ]
     assert components.all() == []
+
+
+async def test_a_defect_in_the_loader_keeps_the_gateway_running(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = Source(config_text(tmp_path, a="1s"))
+
+    def defective() -> Config:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    gw = Gateway(source.load(), defective, RecordingNotifier(), Hub())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        await gw.reload()
+        assert gw.status_line() == "1 bus up, 0 down"
+        nursery.cancel_scope.cancel()
+    critical = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert critical == [
+        "reload failed: RecursionError: maximum recursion depth exceeded; keeping the running "
+        "configuration (please report this)"
+    ]

@@ -620,3 +620,23 @@ def test_restart_needed_per_key(
 ) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/srv/gw")  # the default state_dir of both
     assert restart_needed(parse_config(""), parse_config(changed)) == keys
+
+
+def test_a_failing_check_is_still_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect in a driver's check() ends as exit 78 (never a crash, never a restart loop)."""
+
+    def broken_check(self: object) -> Iterator[tuple[str, str]]:
+        raise RecursionError("maximum recursion depth exceeded")
+        yield ("", "")
+
+    monkeypatch.setattr(SimBusConfig, "check", broken_check)
+    text = '[[buses]]\nname = "a"\nkind = "sim"\n[[buses.devices]]\nname = "d"\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.problems == [
+        (
+            "",
+            "the config could not be checked (RecursionError: maximum recursion depth "
+            "exceeded); please report it",
+        )
+    ]

@@ -1113,3 +1113,12 @@ async def test_points_are_read_only(tmp_path: Path) -> None:
     bus, _ = make_bus(tmp_path / "tty")
     with pytest.raises(WriteError, match="wx/sensor/temperature is on a serial-line bus"):
         await bus.write("sensor/temperature", 1.0)
+
+
+@pytest.mark.parametrize("sentence", ["", "P", "G", "GP", "$GPGGA", "GPGGA,", "GGA ", "gp"])
+def test_sentence_values_that_are_not_ids_are_config_errors(sentence: str) -> None:
+    """Values upper-casing does not fix once crashed check-config with a RecursionError."""
+    problem = sentence_problem(sentence)
+    assert problem is not None
+    assert problem.startswith(f"{sentence!r} is not a sentence type")
+    assert "did you mean" not in problem

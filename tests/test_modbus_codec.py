@@ -208,3 +208,42 @@ def test_rtu_binary_garbage_is_still_a_frame_error() -> None:
     codec.receive_data(bytes.fromhex("0103020007 0000"))  # a reply with a broken CRC
     with pytest.raises(FrameError, match="CRC mismatch"):
         codec.response()
+
+
+def _mbap_answer(codec: MbapCodec, unit: int, pdu: bytes) -> bytes:
+    """An MBAP frame with the codec's current transaction id around raw PDU bytes."""
+    tid = codec._tid.to_bytes(2, "big")
+    return tid + b"\x00\x00" + (len(pdu) + 1).to_bytes(2, "big") + bytes([unit]) + pdu
+
+
+@pytest.mark.parametrize(
+    ("unit", "pdu", "message"),
+    [
+        (1, bytes.fromhex("0304002a"), "MBAP length says 4 PDU bytes, the byte count 6"),
+        (1, bytes.fromhex("0302002a0000"), "MBAP length says 6 PDU bytes, the byte count 4"),
+        (1, bytes.fromhex("0402002a"), "response to function 4, expected 3"),
+        (2, bytes.fromhex("0302002a"), "response from unit 2, expected 1"),
+    ],
+    ids=["short", "extra-bytes", "wrong-function", "wrong-unit"],
+)
+def test_mbap_wrong_answers_are_bad_responses_not_crc(unit: int, pdu: bytes, message: str) -> None:
+    """TCP has no CRC: a malformed or mismatched answer is the device's fault, and the
+    reading says ``bad response`` (``crc`` would send a technician to the wiring)."""
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(_mbap_answer(codec, unit, pdu))
+    with pytest.raises(FrameError, match=re.escape(message)) as caught:
+        codec.response()
+    assert caught.value.reason == "bad response"
+    assert "Input/Output" not in str(caught.value)
+
+
+def test_rtu_crc_error_reason_is_crc() -> None:
+    codec = RtuCodec()
+    codec.encode(Request.read("holding", 1, 0, 2))
+    frame = bytearray(rtu(ReadHoldingRegistersResponse(registers=[1, 2], dev_id=1)))
+    frame[4] ^= 0x01
+    codec.receive_data(bytes(frame))
+    with pytest.raises(FrameError) as caught:
+        codec.response()
+    assert caught.value.reason == "crc"

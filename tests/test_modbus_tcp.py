@@ -645,3 +645,37 @@ def test_connect_errors_name_host_and_port(code: int, message: str, short: str) 
     error.__cause__ = ExceptionGroup("attempts", [OSError(code, os.strerror(code))])
     result = connect_error("10.0.0.5", "10.0.0.5:502", error)
     assert (str(result), result.short) == (message, short)
+
+
+async def test_a_device_that_accepts_and_closes_is_down_logged_once_and_backed_off(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PLC at its connection limit accepts and closes at once. Connecting is not an
+    answer: the bus stays down, the outage is logged once, and reconnects back off."""
+
+    async def accept_and_close(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, accept_and_close, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        bus = modbus_tcp_bus(
+            bus_config(port, backoff_initial='"1s"', backoff_max='"5s"'), rec.context()
+        )
+        await nursery.start(bus.run)
+        states = []
+        for _ in range(60):
+            await trio.sleep(1)
+            states.append(bus.condition().state)
+        connects = bus.link.connects
+        nursery.cancel_scope.cancel()
+    assert State.UP not in states[2:], states
+    assert bus.condition().reason is not None
+    # Reconnects at most every 2.5-5 s once the backoff has grown: about 60 / 3.75.
+    assert connects <= 25, connects
+    lost = [r.getMessage() for r in caplog.records if "connection lost" in r.getMessage()]
+    assert len(lost) == 1, lost
+    assert not [r for r in caplog.records if "connected again" in r.getMessage()]

@@ -223,9 +223,9 @@ class ModbusBus:
                 continue
             except FrameError as e:
                 stats.crc_errors += 1
-                stats.last_error = f"crc: {e}"
-                self._publish_bad(device, [p.point for p in read.points], "crc")
-                errors.setdefault(f"crc ({e})", []).extend(p.point.name for p in read.points)
+                stats.last_error = f"{e.reason}: {e}"
+                self._publish_bad(device, [p.point for p in read.points], e.reason)
+                errors.setdefault(f"{e.reason} ({e})", []).extend(p.point.name for p in read.points)
                 continue
             self._device_ok(device)
             self._publish_read(device, read, response)

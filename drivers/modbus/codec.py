@@ -68,7 +68,14 @@ class ModbusExceptionResponse(Exception):
 
 
 class FrameError(Exception):
-    """A response that fails its CRC, has the wrong length, or does not match the request."""
+    """A response that fails its CRC, has the wrong length, or does not match the request.
+    ``reason`` is the reading's reason: ``crc`` on a serial line (noise corrupts frames),
+    ``bad response`` over Modbus TCP (no CRC, TCP does not corrupt: the device answered
+    wrongly, e.g. a gateway mixing up units)."""
+
+    def __init__(self, message: str, reason: str = "crc") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NotModbusError(Exception):
@@ -178,7 +185,9 @@ def _decode_pdu(data: bytes) -> ModbusPDU:
     try:
         pdu.decode(data[1:])
     except (ModbusException, ValueError, IndexError, struct.error) as e:
-        raise FrameError(f"undecodable response {data.hex()}: {e}") from None
+        # pymodbus's own text names its internals ("[Input/Output] byte_count"): the bytes
+        # say more to a field engineer comparing with the device's manual.
+        raise FrameError(f"undecodable response {data.hex()}") from e
     return pdu
 
 
@@ -318,10 +327,20 @@ class MbapCodec:
             if tid != self._tid:
                 self.stale += 1
                 continue
-            if frame[6] != self._request.unit_id:
-                raise FrameError(f"response from unit {frame[6]}, expected {self._request.unit_id}")
-            return _response(self._request, _decode_pdu(frame[7:]))
+            try:
+                return self._checked(frame)
+            except FrameError as e:
+                raise FrameError(str(e), reason="bad response") from None
         return None
+
+    def _checked(self, frame: bytes) -> Response:
+        assert self._request is not None
+        if frame[6] != self._request.unit_id:
+            raise FrameError(f"response from unit {frame[6]}, expected {self._request.unit_id}")
+        pdu = frame[7:]
+        if pdu[0] in (1, 2, 3, 4) and len(pdu) >= 2 and len(pdu) != 2 + pdu[1]:
+            raise FrameError(f"MBAP length says {len(pdu)} PDU bytes, the byte count {2 + pdu[1]}")
+        return _response(self._request, _decode_pdu(pdu))
 
     def _not_modbus(self) -> NotModbusError:
         # Nothing after a foreign header can be framed: drop it all (the link reconnects).

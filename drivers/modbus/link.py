@@ -25,6 +25,7 @@ import trio
 from drivers.modbus.codec import (
     FrameError,
     MbapCodec,
+    ModbusExceptionResponse,
     NotModbusError,
     Request,
     Response,
@@ -126,6 +127,11 @@ class Link:
         self._last_end = 0.0
         self._rng = random.Random()
         self._attempted = False  # the first connection attempt has finished
+        # An outage lasts from a lost (or unopenable) connection until the device answers
+        # again, not until a connect succeeds: a device at its connection limit accepts and
+        # closes at once, and must not look up, nor reset the backoff, nor log per attempt.
+        self._outage = False
+        self._failures = 0
         self._down_reason: str | None = None
         self._resyncing = False
         self._resync_done = trio.Event()
@@ -142,7 +148,6 @@ class Link:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the link up until cancelled. Reports started after the first attempt."""
-        failures = 0
         reported = False
         try:
             while True:
@@ -150,19 +155,17 @@ class Link:
                 try:
                     stream = await self._open()
                 except OSError as e:
-                    failures += 1
-                    self._cannot_open(e, log_it=failures == 1)
+                    self._failures += 1
+                    self._cannot_open(e, log_it=not self._outage)
+                    self._outage = True
                     if not reported:
                         reported = True
                         task_status.started()
-                    await trio.sleep(self.backoff.delay(failures, self._rng))
+                    await trio.sleep(self.backoff.delay(self._failures, self._rng))
                     continue
                 if self.connects and not resync:
                     self.reconnects += 1
                 self.connects += 1
-                if failures or (self.reconnects and not resync):
-                    log.info("%s: connected again", self.name, extra=kv(bus=self.name))
-                failures = 0
                 try:  # from here on the stream is closed however this ends
                     if self.pause_after_connect:
                         await trio.sleep(self.pause_after_connect)
@@ -170,7 +173,8 @@ class Link:
                     self._lost = trio.Event()
                     self._stream = stream
                     self._attempted = True
-                    self._down_reason = None
+                    if not self._outage:
+                        self._down_reason = None
                     self._end_resync()
                     if not reported:
                         reported = True
@@ -184,14 +188,16 @@ class Link:
                     # The device is there; only the stream is out of step. Reopen at once.
                     self.resyncs += 1
                     continue
-                failures = 1
-                log.warning(
-                    "%s: connection lost: %s; reconnecting",
-                    self.name,
-                    self.last_error,
-                    extra=kv(bus=self.name),
-                )
-                await trio.sleep(self.backoff.delay(failures, self._rng))
+                self._failures += 1
+                if not self._outage:
+                    self._outage = True
+                    log.warning(
+                        "%s: connection lost: %s; reconnecting",
+                        self.name,
+                        self.last_error,
+                        extra=kv(bus=self.name),
+                    )
+                await trio.sleep(self.backoff.delay(self._failures, self._rng))
         finally:
             self._stream = None
             self._end_resync()
@@ -231,9 +237,20 @@ class Link:
         self._stream = None
         self._lost.set()
 
+    def _answered(self) -> None:
+        """The device answered (a response or an exception response): an outage is over."""
+        if self._outage:
+            self._outage = False
+            self._down_reason = None
+            log.info("%s: connected again", self.name, extra=kv(bus=self.name))
+        self._failures = 0
+
     def condition(self) -> Condition:
-        """Up; starting (before the first attempt finished); or down, saying where and why."""
+        """Up; starting (before the first attempt finished); or down, saying where and why
+        (also while connected again after an outage, until the device answers)."""
         if self._stream is not None or self._resyncing:
+            if self._outage:
+                return Condition(State.DOWN, f"{self._down_reason or self.where}, no answer yet")
             return UP
         if not self._attempted:
             return Condition(State.STARTING, f"connecting to {self.where}")
@@ -252,11 +269,17 @@ class Link:
         try:
             for attempt in range(self.retries + 1):
                 try:
-                    return await self._transact_once(request)
+                    response = await self._transact_once(request)
+                except ModbusExceptionResponse:
+                    self._answered()
+                    raise
                 except FrameError:
                     self.crc_errors += 1
                     if attempt == self.retries:
                         raise
+                else:
+                    self._answered()
+                    return response
             raise AssertionError("unreachable")
         finally:
             self._lock.release()
@@ -283,8 +306,9 @@ class Link:
                         raise Disconnected("connection closed by the device")
                     codec.receive_data(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self._drop(f"{type(e).__name__}: {e}")
-            raise Disconnected(str(e) or type(e).__name__) from e
+            reason = str(e) or type(e).__name__  # our port errors say it all
+            self._drop(reason)
+            raise Disconnected(reason) from e
         except Disconnected as e:
             self._drop(str(e))
             raise
