@@ -63,6 +63,9 @@ Axis = Literal["latitude", "longitude"]
 
 TERMINATORS = ("\r\n", "\n", "\r")
 MAX_LINE_LENGTH = 65536
+READ_SIZE = 1024
+"""Bytes per read: at most a few hundred lines, published before subscribers get a turn, so
+a burst (a buffer full after a stall) fits in a subscriber's queue. Plenty for any baud rate."""
 SILENCE_INTERVALS = 3
 """The silence window is this many intervals: without a valid line for that long, the points
 read bad ``timeout``; without an NMEA sentence type a point needs (while others come), that
@@ -1011,7 +1014,7 @@ class SerialLineBus:
 
     async def _read_lines(self, port: LinePort) -> None:
         while True:
-            data = await port.receive_some()
+            data = await port.receive_some(READ_SIZE)
             self.bytes_received += len(data)
             for event in self._parser.receive_data(data):
                 self.context.progress()

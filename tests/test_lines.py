@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from drivers.base import WriteError
+from drivers.base import BusContext, WriteError
 from drivers.lines import (
     BadLine,
     Line,
@@ -49,7 +49,8 @@ from gateway.core.backoff import Backoff
 from gateway.core.component import UP, Condition, State
 from gateway.core.configtypes import Name
 from gateway.core.reading import Quality
-from tests.ptys import PtyPeer
+from gateway.hub import Hub
+from tests.ptys import TIMEOUT, PtyPeer
 from tests.readings import Recorder
 
 KINDS_WITH_LINES = {
@@ -1122,3 +1123,27 @@ def test_sentence_values_that_are_not_ids_are_config_errors(sentence: str) -> No
     assert problem is not None
     assert problem.startswith(f"{sentence!r} is not a sentence type")
     assert "did you mean" not in problem
+
+
+async def test_a_burst_of_lines_reaches_a_reading_subscriber_without_gaps(
+    peer: PtyPeer,
+) -> None:
+    """A sensor (or a kernel buffer after a stall) delivers thousands of lines at once: the
+    bus reads in small pieces, so a subscriber that keeps reading loses none of them."""
+    hub = Hub()
+    bus = SerialLineBus(
+        make_config(peer.path, pattern=r"T=(?P<temperature>\S+)", points=(point("temperature"),)),
+        BusContext(hub.publish, lambda: None),
+    )
+    received = dropped = 0
+    with hub.subscribe("fast", ["#"], maxlen=1000) as sub:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            nursery.start_soon(peer.send, b"".join(b"T=%d\n" % n for n in range(20_000)))
+            with trio.fail_after(TIMEOUT):
+                while received < 20_000:
+                    delivery = await sub.receive()
+                    received += len(delivery.readings)
+                    dropped += delivery.dropped
+            nursery.cancel_scope.cancel()
+    assert (received, dropped) == (20_000, 0)

@@ -173,3 +173,35 @@ def test_backoff_defaults_to_one_then_at_most_five_seconds() -> None:
     for config in (rtu.buses[0], tcp.buses[0]):
         assert isinstance(config, ModbusRtuBusConfig | ModbusTcpBusConfig)
         assert (config.backoff_initial, config.backoff_max) == (1.0, 5.0)
+
+
+TCP_BUS = (
+    '[[buses]]\nname = "plc"\nkind = "modbus-tcp"\nhost = {host}\n'
+    '[[buses.devices]]\nname = "d"\npoints = [{{ name = "v", table = "holding", address = 0 }}]\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        (
+            '"127.0.0.1:502"',
+            "'127.0.0.1:502' includes a port: write host = '127.0.0.1' and port = 502",
+        ),
+        ('"[::1]:1502"', "'[::1]:1502' includes a port: write host = '::1' and port = 1502"),
+        ('"http://10.0.0.5"', "'http://10.0.0.5' is a URL: write only the address"),
+        ('"10.0.0.5 "', "'10.0.0.5 ' contains spaces: write only the address"),
+        ('"plc/7"', "'plc/7' is not an IP address or host name"),
+        ('""', "must not be empty: the device's IP address or host name"),
+    ],
+)
+def test_host_values_pasted_wrongly_are_config_errors(host: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(TCP_BUS.format(host=host))
+    assert [p for p, _ in caught.value.problems] == ["buses[0].host"]
+    assert caught.value.problems[0][1].startswith(message)
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "::1", "fe80::1%eth0", "plc-7.plant.local", "PLC_7"])
+def test_addresses_and_names_are_accepted(host: str) -> None:
+    parse_config(TCP_BUS.format(host=f'"{host}"'))

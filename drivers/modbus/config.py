@@ -6,6 +6,8 @@ register address 0). Everything the user can get wrong is checked here with a pa
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterator
 from typing import Literal
 
@@ -309,8 +311,9 @@ class ModbusTcpBusConfig:
         )
 
     def check(self) -> Iterator[tuple[str, str]]:
-        if not self.host:
-            yield "host", "must not be empty"
+        problem = host_problem(self.host)
+        if problem:
+            yield "host", problem
         if not 1 <= self.port <= 65535:
             yield "port", f"{self.port} is outside 1..65535"
         if self.timeout <= 0:
@@ -320,6 +323,32 @@ class ModbusTcpBusConfig:
         if self.retries < 0:
             yield "retries", "must be 0 or more"
         yield from _check_devices(self.devices, self.backoff_initial, self.backoff_max, tcp=True)
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is no IP address or host name, or None: catches what people paste from
+    a browser or a PLC's manual (``http://...``, ``10.0.0.5:502``, a trailing space)."""
+    if not host:
+        return "must not be empty: the device's IP address or host name"
+    if "://" in host:
+        return f'{host!r} is a URL: write only the address, e.g. host = "10.0.0.5"'
+    if host != host.strip() or any(c.isspace() for c in host):
+        return f'{host!r} contains spaces: write only the address, e.g. host = "10.0.0.5"'
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return None
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and name.strip("[]"):
+        return f"{host!r} includes a port: write host = {name.strip('[]')!r} and port = {port}"
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        return f"{host!r} is not an IP address or host name (letters, digits, '-', '_' and '.' only)"
+    return None
 
 
 def _topics(bus: str, devices: tuple[ModbusDeviceConfig, ...]) -> Iterator[str]:
