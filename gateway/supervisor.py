@@ -220,6 +220,11 @@ class Supervised:
             finally:
                 self._stopped = True
                 self._set(State.DOWN)
+                if not reported:
+                    # Stopped (shutdown, reload) while the first attempt was still starting:
+                    # whoever waits in nursery.start() must not get "child exited without
+                    # calling task_status.started()".
+                    task_status.started()
 
     def _kv(self, **more: object) -> dict[str, object]:
         return kv(**self._context, **more)

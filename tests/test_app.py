@@ -9,6 +9,7 @@ if handling regressed).
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -486,3 +487,63 @@ async def test_a_defect_in_the_loader_keeps_the_gateway_running(
         "reload failed: RecursionError: maximum recursion depth exceeded; keeping the running "
         "configuration (please report this)"
     ]
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A loopback port whose accept queue is full: a connect there hangs, as to a PLC whose
+    packets are dropped. Yields the port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fill.append(s)
+    yield port
+    for s in [*fill, listener]:
+        s.close()
+
+
+async def test_unreachable_plcs_do_not_hold_back_ready(
+    tmp_path: Path, blackhole: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Four PLCs that do not answer a connect: READY comes at once (each bus says it is
+    starting), not after 4 x connect_timeout, which would run into systemd's start timeout."""
+    plc = """
+[[buses]]
+name = "plc-{n}"
+kind = "modbus-tcp"
+host = "127.0.0.1"
+port = {port}
+connect_timeout = "5s"
+[[buses.devices]]
+name = "d"
+points = [{{ name = "v", table = "holding", address = 0 }}]
+"""
+    text = config_text(tmp_path, a="1s") + "".join(
+        plc.format(n=n, port=blackhole) for n in range(4)
+    )
+    source = Source(text)
+    notifier = RecordingNotifier()
+    gw = Gateway(source.load(), source.load, notifier, Hub())
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        assert trio.current_time() - t0 < 1.0
+        ready = [m for m in notifier.messages if m.startswith("READY=1")]
+        assert ready == [
+            "READY=1\nSTATUS=1 bus up, 4 starting "
+            f"(plc-0: connecting to 127.0.0.1:{blackhole}; plc-1: connecting to "
+            f"127.0.0.1:{blackhole}; plc-2: connecting to 127.0.0.1:{blackhole}; +1 more), 0 down"
+        ]
+        await trio.sleep(6)  # past the connect timeout: down, with the reason
+        line = gw.status_line()
+        assert line.startswith(f"1 bus up, 4 down (plc-0: 127.0.0.1:{blackhole} not answering; "), (
+            line
+        )
+        nursery.cancel_scope.cancel()

@@ -199,7 +199,8 @@ async def test_missing_port_is_down_and_named(
     bus = modbus_rtu_bus(bus_config(path), rec.context())
     assert bus.condition().state is State.STARTING
     async with trio.open_nursery() as nursery:
-        await nursery.start(bus.run)  # started once the first open failed
+        await nursery.start(bus.run)  # started at once; the first open runs meanwhile
+        await rec.wait_until(lambda: bus.condition().state is not State.STARTING)
         condition = bus.condition()
         nursery.cancel_scope.cancel()
     assert condition == Condition(State.DOWN, f"{path} missing")

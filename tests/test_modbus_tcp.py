@@ -437,7 +437,8 @@ async def test_refused_connection_names_host_and_port(caplog: pytest.LogCaptureF
     rec = Recorder()
     bus = modbus_tcp_bus(bus_config(port), rec.context())
     async with trio.open_nursery() as nursery:
-        await nursery.start(bus.run)  # started once the first attempt finished
+        await nursery.start(bus.run)  # started at once; the first attempt runs meanwhile
+        await rec.wait_until(lambda: bus.condition().state is not State.STARTING)
         condition = bus.condition()
         await rec.wait_latest("plc/d1/i32", lambda r: r.reason == "disconnected")
         nursery.cancel_scope.cancel()
@@ -479,6 +480,7 @@ async def test_unresolvable_host_is_named(caplog: pytest.LogCaptureFixture) -> N
     bus = modbus_tcp_bus(bus_config(502, host='"plc-7.invalid"'), rec.context())
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
+        await rec.wait_until(lambda: bus.condition().state is not State.STARTING)
         condition = bus.condition()
         nursery.cancel_scope.cancel()
     assert condition == Condition(State.DOWN, "cannot resolve plc-7.invalid")

@@ -312,3 +312,29 @@ async def test_a_failing_condition_report_degrades_health_instead_of_crashing(
         assert health.reason == "health unknown (KeyError: 'oops')"
         assert sup.total_failures == 0  # the part keeps running
         nursery.cancel_scope.cancel()
+
+
+async def test_stopped_while_its_first_attempt_is_still_starting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A stop during start-up (a PLC that takes its connect timeout to answer) must let
+    ``nursery.start`` return, not fail with 'child exited without calling started()'."""
+
+    def make(progress: Progress) -> RunFn:
+        async def run(*, task_status: trio.TaskStatus[None]) -> None:
+            await trio.sleep(5)  # still connecting
+            task_status.started()
+            await trio.sleep_forever()
+
+        return run
+
+    sup = Supervised("plc", parts(make), Backoff())
+    async with trio.open_nursery() as nursery:
+
+        async def stop_soon() -> None:
+            await trio.sleep(1)
+            sup.stop()
+
+        nursery.start_soon(stop_soon)
+        await nursery.start(sup.run)  # returns once stopped
+    assert sup.health().reason == "stopped"

@@ -122,6 +122,7 @@ class Device:
         self.problem: str | None = None  # "not answering", "not Modbus": for condition()
         self.backoff_until = 0.0
         self.logged_errors: frozenset[str] = frozenset()  # what the journal last heard
+        self.polled = False  # the first poll cycle has ended (answered or not)
 
 
 class ModbusBus:
@@ -146,11 +147,17 @@ class ModbusBus:
         self._rng = random.Random()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Started at once: the first connection attempt (up to ``connect_timeout`` for a
+        PLC that does not answer) runs in the background, so no bus holds back the start of
+        the gateway or of the next bus; the condition says starting meanwhile."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.link.run)
-            for device in self.devices.values():
-                nursery.start_soon(self._poll_device, device)
+            nursery.start_soon(self._connect_then_poll, nursery)
             task_status.started()
+
+    async def _connect_then_poll(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.link.run)  # returns after the first attempt, good or not
+        for device in self.devices.values():
+            nursery.start_soon(self._poll_device, device)
 
     # ---- polling --------------------------------------------------------------------------
 
@@ -176,6 +183,7 @@ class ModbusBus:
         errors: dict[str, list[str]] = {}  # reason -> points, for the journal
         if await self._poll_reads(device, errors):
             self._log_errors(device, errors)
+        device.polled = True
 
     def _log_errors(self, device: Device, errors: dict[str, list[str]]) -> None:
         """One warning when a device's exception/CRC errors change, one line when they clear:
@@ -275,6 +283,7 @@ class ModbusBus:
         device.stats.last_success = self._wall_clock()
 
     def _publish_read(self, device: Device, read: PlannedRead, response: Response) -> None:
+        device.polled = True
         now = self._wall_clock()
         for placed in read.points:
             point = placed.point
@@ -291,6 +300,7 @@ class ModbusBus:
     def _publish_bad(
         self, device: Device, points: Iterable[ModbusPointConfig], reason: str
     ) -> None:
+        device.polled = True
         now = self._wall_clock()
         for point in points:
             self._emit(device, point, None, now, reason)
@@ -371,10 +381,13 @@ class ModbusBus:
     def condition(self) -> Condition:
         """Down while the link is (saying where and why), degraded while some device does not
         answer or answers in another protocol (naming them), starting before the first
-        connection attempt finished, up otherwise."""
+        connection attempt and every device's first poll finished, up otherwise."""
         link = self.link.condition()
         if link.state is not State.UP:
             return link
+        waiting = [name for name, device in self.devices.items() if not device.polled]
+        if waiting:
+            return Condition(State.STARTING, f"first poll of {', '.join(waiting)}")
         problems: dict[str, list[str]] = {}
         for name, device in self.devices.items():
             if device.problem is not None:

@@ -325,7 +325,8 @@ class ModbusTcpBusConfig:
         yield from _check_devices(self.devices, self.backoff_initial, self.backoff_max, tcp=True)
 
 
-_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?")
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
 def host_problem(host: str) -> str | None:
@@ -347,7 +348,8 @@ def host_problem(host: str) -> str | None:
     if colon and port.isdigit() and name.strip("[]"):
         return f"{host!r} includes a port: write host = {name.strip('[]')!r} and port = {port}"
     if len(host) > 253 or not _HOST_NAME.fullmatch(host):
-        return f"{host!r} is not an IP address or host name (letters, digits, '-', '_' and '.' only)"
+        allowed = "letters, digits, '-', '_' and '.' only"
+        return f"{host!r} is not an IP address or host name ({allowed})"
     return None
 
 
