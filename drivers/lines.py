@@ -40,6 +40,8 @@ import logging
 import math
 import random
 import re
+import re._constants as re_constants
+import re._parser as re_parser
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from string import hexdigits
 from typing import Literal, Protocol
@@ -324,6 +326,11 @@ class SerialLineBusConfig(SerialPortConfig):
                 compiled = re.compile(self.pattern)
             except re.error as e:
                 yield "pattern", f"not a valid regular expression: {e.msg} at position {e.pos}"
+            else:
+                risk = backtracking_risk(self.pattern)
+                if risk is not None:
+                    compiled = None
+                    yield "pattern", risk
         for i, p in enumerate(self.points):
             for key in ("sentence", "field"):
                 if getattr(p, key) is not None:
@@ -371,6 +378,49 @@ class SerialLineBusConfig(SerialPortConfig):
                         '(signed decimal degrees) or use "str" for the raw ddmm.mmmm text'
                     ),
                 )
+
+
+def backtracking_risk(pattern: str) -> str | None:
+    """Why ``pattern`` may take exponential time on a line (a variable repeat nested in
+    another, ``(a+)+``, ``(\\d*,?)*``), or None. The match runs on the event loop, so one bad
+    line would freeze the whole gateway: refuse such patterns in check-config."""
+    try:
+        tree = re_parser.parse(pattern)
+    except re.error:
+        return None  # reported as invalid elsewhere
+    found = _nested_repeat(tree, inside=False)
+    if found is None:
+        return None
+    return (
+        f"a repeated part inside another repeated part ({found}) can take exponential time on "
+        "a bad line and freeze the gateway: repeat each part once, e.g. "
+        "'(?P<v>[0-9.]+)' instead of '(?P<v>([0-9]+.?)+)'"
+    )
+
+
+_REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT)
+
+
+def _nested_repeat(items: object, *, inside: bool) -> str | None:
+    """Walk sre's parse tree; an inner variable repeat under an outer one is the risk."""
+    if isinstance(items, re_parser.SubPattern):
+        items = list(items)
+    if not isinstance(items, list | tuple):
+        return None
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2 and item[0] in _REPEATS:
+            low, high, body = item[1]
+            variable = high != low and high != 1
+            if variable and inside:
+                return "a '*', '+' or '{m,n}' inside a repeated group"
+            found = _nested_repeat(body, inside=inside or variable)
+        elif isinstance(item, re_parser.SubPattern | list | tuple):
+            found = _nested_repeat(item, inside=inside)
+        else:
+            continue
+        if found is not None:
+            return found
+    return None
 
 
 # ---- sans-IO: bytes to lines --------------------------------------------------------------

@@ -32,6 +32,7 @@ from drivers.lines import (
     SerialLineBus,
     SerialLineBusConfig,
     SerialLineStatistics,
+    backtracking_risk,
     convert,
     convert_position,
     decode_nmea,
@@ -1147,3 +1148,32 @@ async def test_a_burst_of_lines_reaches_a_reading_subscriber_without_gaps(
                     dropped += delivery.dropped
             nursery.cancel_scope.cancel()
     assert (received, dropped) == (20_000, 0)
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"(?P<v>(a+)+)$", r"(?P<v>(\d*,?)*)", r"(?P<v>((a|b)*c)*)", r"(?P<v>(?:x{1,5})+)"]
+)
+def test_patterns_that_can_backtrack_exponentially_are_refused(pattern: str) -> None:
+    """The match runs on the event loop: '(a+)+$' against 'aaaa...a!' froze the gateway,
+    watchdog and SIGTERM included. check-config refuses nested repeats."""
+    assert backtracking_risk(pattern) is not None
+    config = SerialLineBusConfig(
+        Name("wx"), port="/dev/ttyUSB0", pattern=pattern, points=(point("v"),)
+    )
+    problems = list(config.check())
+    assert [path for path, _ in problems] == ["pattern"]
+    assert "can take exponential time on a bad line and freeze the gateway" in problems[0][1]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"T=(?P<t>-?[0-9.]+) H=(?P<h>[0-9.]+)",
+        r"(?P<v>(?:ab|cd)+)",
+        r"(?P<v>(\d{2})+)",
+        r"^(?P<v>\S+)\s*$",
+        r"(?P<v>(?:[0-9]{1,3}\.){3}[0-9]{1,3})",
+    ],
+)
+def test_ordinary_patterns_pass(pattern: str) -> None:
+    assert backtracking_risk(pattern) is None
