@@ -17,11 +17,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
 import trio
 
-from gateway import __version__
+from gateway import __version__, entry
 from gateway.app import Extra, Gateway, prepare_state_dir, request_plan
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
 from gateway.core import logs
@@ -188,15 +187,9 @@ def demo() -> int:
 
 
 def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
-    # Until the gateway's own signal handling runs (and again after it has ended), SIGTERM is
-    # only remembered: one during start-up stops the gateway as soon as it can, one at the
-    # very end is harmless. A default SIGTERM would kill the process (exit 143) mid-stop.
-    terms: list[int] = []
-
-    def remember(signum: int, frame: FrameType | None) -> None:
-        terms.append(signum)
-
-    signal.signal(signal.SIGTERM, remember)
+    # Until the gateway's own signal handling runs, SIGTERM is only remembered: one during
+    # start-up stops the gateway as soon as it can (gateway.entry installs this first thing).
+    entry.handle_early_signals()
     try:
         config = load()  # also what SIGHUP calls, so a reload is checked the same way
     except ConfigError as e:
@@ -214,7 +207,7 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
 
     async def serve() -> None:
         try:
-            await gateway.run(extras, stop_requested=bool(terms))
+            await gateway.run(extras, stop_requested=bool(entry.early_terms))
         finally:
             # The gateway has stopped: nothing is left for a signal to do. Ignored, not just
             # handled: trio closes its signal wakeup socket before it restores the previous
@@ -243,8 +236,8 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
 
 
 def _ignore_stop_signals() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

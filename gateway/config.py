@@ -66,7 +66,8 @@ MAX_INT = 2**63 - 1
 
 def _default_state_dir() -> str:
     # systemd's StateDirectory= sets $STATE_DIRECTORY.
-    return os.environ.get("STATE_DIRECTORY", "/var/lib/edge-gateway").split(":")[0]
+    # Set but empty (a unit or shell mishap) means not set.
+    return os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/edge-gateway"
 
 
 @attrs.frozen
@@ -327,6 +328,13 @@ def parse_config(
         )
         raise ConfigError(source, [("", message)]) from None
     problems = list(_too_deep(data))
+    if isinstance(data.get("buses"), dict):
+        problems.append(
+            (
+                "buses",
+                "is a single table ([buses]): write [[buses]], with two brackets, for each bus",
+            )
+        )
     if problems:
         raise ConfigError(source, problems)
     conv = _make_converter(config_dir or Path.cwd(), kinds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from gateway.core.component import UP, Condition, Health, StartPolicy, StartupEr
 from gateway.hub import Hub
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised
+from tests.conftest import gateway_env
 
 if TYPE_CHECKING:
     from conftest import Daemon, NotifySocket
@@ -292,7 +294,7 @@ def _failing_required(hub: Hub) -> ComponentSpec:
 @pytest.fixture
 def keep_signal_handlers() -> Iterator[None]:
     """``cli._serve`` sets the process's SIGTERM/SIGINT handlers: put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
@@ -393,6 +395,52 @@ def test_sigterm_right_after_sighup_stops_cleanly(
     messages = d.notify.messages
     stopping = messages.index("STOPPING=1")
     assert not any("READY=1" in m for m in messages[stopping:]), messages
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.001, 0.01])
+def test_sighup_right_after_sigterm_changes_nothing(
+    gap: float, gateway_config: Callable[..., Path], daemon: Callable[..., Daemon]
+) -> None:
+    d = daemon(gateway_config())
+    d.wait_ready()
+    d.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    d.send_signal(signal.SIGHUP)  # once stopped, it must not kill the process (exit -1)
+    assert d.wait_exit() == 0, d.lines
+    assert d.lines[-1].endswith("gateway: stopped"), d.lines
+
+
+EARLY = """
+import os, signal, sys
+import gateway.entry as entry
+
+class Interrupted:  # Ctrl-C while the command is still being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "gateway.cli":
+            raise KeyboardInterrupt
+        return None
+
+entry.handle_early_signals()
+os.kill(os.getpid(), signal.SIGHUP)   # ignored: nothing to reload yet
+os.kill(os.getpid(), signal.SIGTERM)  # remembered: the gateway stops as soon as it runs
+print(entry.early_terms, flush=True)
+sys.meta_path.insert(0, Interrupted())
+sys.exit(entry.main())
+"""
+
+
+def test_signals_before_the_gateway_runs_are_handled_quietly() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", EARLY],
+        env=gateway_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.stdout == f"[{int(signal.SIGTERM)}]\n"
+    assert result.returncode == 130  # Ctrl-C during the import: no traceback
+    assert result.stderr == ""
 
 
 def test_sigterm_during_start_up_stops_without_ready(

@@ -640,3 +640,38 @@ def test_a_failing_check_is_still_a_config_error(monkeypatch: pytest.MonkeyPatch
             "exceeded); please report it",
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[buses]\nname = "a"\nkind = "sim"\n',
+            (
+                "buses",
+                "is a single table ([buses]): write [[buses]], with two brackets, for each bus",
+            ),
+        ),
+        (
+            "[gateway]\nstatus_interval = 1979-05-27\n",
+            ("gateway.status_interval", "1979-05-27 is not a duration"),
+        ),
+        (
+            '[gateway]\nstatus_interval = "\\uff15s"\n',
+            ("gateway.status_interval", "'\uff15s' is not a duration"),
+        ),
+    ],
+    ids=["single-bracket-buses", "toml-date", "full-width-digit"],
+)
+def test_messages_say_what_was_written(text: str, expected: tuple[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    path, message = caught.value.problems[0]
+    assert (path, message[: len(expected[1])]) == expected
+
+
+def test_an_empty_state_directory_variable_means_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "")
+    assert parse_config("").gateway.state_dir == "/var/lib/edge-gateway"

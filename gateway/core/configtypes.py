@@ -9,6 +9,7 @@ never shown in a repr or a log line. Pure: no I/O but reading files (the config,
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import math
 import os
@@ -49,6 +50,8 @@ def toml_repr(value: object) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, datetime.date | datetime.time):  # TOML dates and times
+        return value.isoformat()
     if isinstance(value, int) and abs(value) >= 10**40:
         return f"a number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     text = repr(value)
@@ -60,9 +63,9 @@ MAX_DURATION = 365 * 86400.0
 MAX_SIZE = 1024**4
 """The largest size accepted anywhere (1024GiB)."""
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)\s*")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)\s*", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*", re.ASCII)
 _SIZE_UNITS = {
     None: 1,
     "B": 1,

@@ -1,0 +1,38 @@
+"""The ``edge-gateway`` entry point: signal handling from the first instant, then the command.
+
+Importing the command (trio, cattrs, pymodbus) takes a moment; until the gateway's own
+signal handling runs, SIGTERM is remembered (the gateway stops as soon as it can, with exit 0)
+instead of killing the process, SIGHUP is ignored instead of killing it (the config is being
+read anyway), and Ctrl-C ends it with 130 and no traceback. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+early_terms: list[int] = []
+"""SIGTERMs that came before the gateway could handle them."""
+
+
+def _remember(signum: int, frame: FrameType | None) -> None:
+    early_terms.append(signum)
+
+
+def handle_early_signals() -> None:
+    signal.signal(signal.SIGTERM, _remember)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def main() -> int:
+    handle_early_signals()
+    try:
+        from gateway import cli
+    except KeyboardInterrupt:
+        return 130
+    return cli.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
