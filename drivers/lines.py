@@ -392,9 +392,9 @@ def backtracking_risk(pattern: str) -> str | None:
     if found is None:
         return None
     return (
-        f"a repeated part inside another repeated part ({found}) can take exponential time on "
-        "a bad line and freeze the gateway: repeat each part once, e.g. "
-        "'(?P<v>[0-9.]+)' instead of '(?P<v>([0-9]+.?)+)'"
+        f"{found} can take exponential time on a bad line and freeze the gateway: repeat each "
+        "part once and keep alternatives apart, e.g. '(?P<v>[0-9.]+)' instead of "
+        "'(?P<v>([0-9]+.?)+)'"
     )
 
 
@@ -414,6 +414,11 @@ def _nested_repeat(items: object, *, inside: bool) -> str | None:
             if variable and inside:
                 return "a '*', '+' or '{m,n}' inside a repeated group"
             found = _nested_repeat(body, inside=inside or variable)
+        elif isinstance(item, tuple) and len(item) == 2 and item[0] == re_constants.BRANCH:
+            alternatives = item[1][1]
+            if inside and not _distinct_by_first_character(alternatives):
+                return "alternatives that can match the same text inside a repeated group"
+            found = _nested_repeat(alternatives, inside=inside)
         elif isinstance(item, re_parser.SubPattern | list | tuple):
             found = _nested_repeat(item, inside=inside)
         else:
@@ -421,6 +426,18 @@ def _nested_repeat(items: object, *, inside: bool) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _distinct_by_first_character(alternatives: list[object]) -> bool:
+    """True when every alternative starts with its own literal character, so a repeat of
+    them can take only one path through a line (``(?:ab|cd)+``, not ``(?:a|aa)+``)."""
+    firsts = []
+    for alternative in alternatives:
+        items = list(alternative) if isinstance(alternative, re_parser.SubPattern | list) else []
+        if not items or items[0][0] != re_constants.LITERAL:
+            return False
+        firsts.append(items[0][1])
+    return len(set(firsts)) == len(firsts)
 
 
 # ---- sans-IO: bytes to lines --------------------------------------------------------------

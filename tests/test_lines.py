@@ -1151,7 +1151,15 @@ async def test_a_burst_of_lines_reaches_a_reading_subscriber_without_gaps(
 
 
 @pytest.mark.parametrize(
-    "pattern", [r"(?P<v>(a+)+)$", r"(?P<v>(\d*,?)*)", r"(?P<v>((a|b)*c)*)", r"(?P<v>(?:x{1,5})+)"]
+    "pattern",
+    [
+        r"(?P<v>(a+)+)$",
+        r"(?P<v>(\d*,?)*)",
+        r"(?P<v>((a|b)*c)*)",
+        r"(?P<v>(?:x{1,5})+)",
+        r"(?P<v>(a|aa)+)$",
+        r"(?P<v>(?:\d+x|\d+y)+)",
+    ],
 )
 def test_patterns_that_can_backtrack_exponentially_are_refused(pattern: str) -> None:
     """The match runs on the event loop: '(a+)+$' against 'aaaa...a!' froze the gateway,
@@ -1173,6 +1181,8 @@ def test_patterns_that_can_backtrack_exponentially_are_refused(pattern: str) -> 
         r"(?P<v>(\d{2})+)",
         r"^(?P<v>\S+)\s*$",
         r"(?P<v>(?:[0-9]{1,3}\.){3}[0-9]{1,3})",
+        r"(?P<v>(?:on|off)+)",
+        r"T=(?P<t>-?[0-9.]+)(?: H=(?P<h>[0-9.]+)|)",
     ],
 )
 def test_ordinary_patterns_pass(pattern: str) -> None:
