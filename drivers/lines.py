@@ -42,8 +42,11 @@ import random
 import re
 import re._constants as re_constants
 import re._parser as re_parser
+import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from string import hexdigits
+from types import FrameType
 from typing import Literal, Protocol
 
 import attrs
@@ -65,6 +68,9 @@ Axis = Literal["latitude", "longitude"]
 
 TERMINATORS = ("\r\n", "\n", "\r")
 MAX_LINE_LENGTH = 65536
+MATCH_TIME_LIMIT = 0.02
+"""Longest a pattern may search one line (a sane one takes microseconds): the match runs in
+the event loop, which must never stall for long."""
 READ_SIZE = 1024
 """Bytes per read: at most a few hundred lines, published before subscribers get a turn, so
 a burst (a buffer full after a stall) fits in a subscriber's queue. Plenty for any baud rate."""
@@ -633,10 +639,54 @@ def convert_position(text: str, hemisphere: str, point: LinePointConfig, axis: A
     return PointValue(point, _scaled(round(sign * degrees, POSITION_DECIMALS), point))
 
 
-def decode_regex(line: str, pattern: re.Pattern[str], points: Sequence[LinePointConfig]) -> Decoded:
+Search = Callable[[re.Pattern[str], str], "re.Match[str] | None"]
+
+
+def plain_search(pattern: re.Pattern[str], line: str) -> re.Match[str] | None:
+    return pattern.search(line)
+
+
+class PatternTooSlow(Exception):
+    """A pattern's search on one line went over its time limit."""
+
+
+def _too_slow(signum: int, frame: FrameType | None) -> None:
+    raise PatternTooSlow
+
+
+def search_within(limit: float) -> Search:
+    """A search that gives up after ``limit`` seconds, so that no pattern on no line can
+    freeze the event loop (the static ``backtracking_risk`` check catches the common shapes,
+    not every one: ``(a?a?)+$``, ``(.*,){12}x``). CPython's regex engine checks for signals
+    as it runs, so a SIGALRM handler that raises ends a runaway search. Main thread only (a
+    plain search elsewhere); the previous SIGALRM handler is put back after each line."""
+
+    def search(pattern: re.Pattern[str], line: str) -> re.Match[str] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return pattern.search(line)
+        previous = signal.signal(signal.SIGALRM, _too_slow)
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            return pattern.search(line)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return search
+
+
+def decode_regex(
+    line: str,
+    pattern: re.Pattern[str],
+    points: Sequence[LinePointConfig],
+    search: Search = plain_search,
+) -> Decoded:
     """Search ``pattern`` in ``line``; each point's named group gives its value. A group
     that did not take part in the match (an optional part) gives no value."""
-    match = pattern.search(line)
+    try:
+        match = search(pattern, line)
+    except PatternTooSlow:
+        return Decoded(malformed="the pattern took too long on this line (rewrite the pattern)")
     if match is None:
         return Decoded(malformed="does not match the pattern")
     values = []
@@ -726,7 +776,8 @@ class LineDecoder:
     another device) forgets what was seen.
     """
 
-    def __init__(self, config: SerialLineBusConfig) -> None:
+    def __init__(self, config: SerialLineBusConfig, search: Search = plain_search) -> None:
+        self.search = search
         self.format = config.format
         self.points = config.points
         self.pattern = re.compile(config.pattern or "") if config.format == "regex" else None
@@ -737,7 +788,7 @@ class LineDecoder:
 
     def decode(self, line: str) -> Decoded:
         if self.pattern is not None:
-            return decode_regex(line, self.pattern, self.points)
+            return decode_regex(line, self.pattern, self.points, self.search)
         decoded = decode_nmea(line, self.points, require_checksum=self.checksums_seen)
         if decoded.checked:
             self.checksums_seen = True
@@ -906,7 +957,7 @@ class SerialLineBus:
         self._settings = config.port_settings()
         self._window = config.silence_window()
         self._parser = LineParser(config.max_line_length, config.encoding)
-        self._decoder = LineDecoder(config)
+        self._decoder = LineDecoder(config, search_within(MATCH_TIME_LIMIT))
         self._watch = (
             SentenceWatch(config.points, self._window, 0.0) if config.format == "nmea" else None
         )

@@ -13,6 +13,8 @@ import logging
 import math
 import random
 import re
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from drivers.lines import (
     decode_regex,
     next_deadline,
     nmea_checksum,
+    plain_search,
     port_problem,
     sentence_matches,
     sentence_problem,
@@ -1187,3 +1190,42 @@ def test_patterns_that_can_backtrack_exponentially_are_refused(pattern: str) -> 
 )
 def test_ordinary_patterns_pass(pattern: str) -> None:
     assert backtracking_risk(pattern) is None
+
+
+SLOW_PATTERN = r"(?P<v>(a?a?)+)$"  # exponential on 'aaa...a!', yet no nested '+' or '*'
+SLOW_LINE = """
+from drivers.lines import LineDecoder, LinePointConfig, SerialLineBusConfig, search_within
+from gateway.core.configtypes import Name
+
+config = SerialLineBusConfig(
+    Name("wx"), port="/dev/ttyUSB0", pattern={pattern!r},
+    points=(LinePointConfig(Name("v"), type="str"),),
+)
+assert list(config.check()) == [], "the static check lets this one through"
+decoder = LineDecoder(config, search_within(0.02))
+print(decoder.decode("a" * 40 + "!").malformed)
+print(decoder.decode("aaaa").values[0].value)
+"""
+
+
+def test_a_pattern_too_slow_for_a_line_gives_up_instead_of_freezing_the_gateway() -> None:
+    """No static check catches every slow pattern (the reviewers found '(a?a?)+$' and
+    '(.*,){{12}}x'): the search itself is bounded. In a subprocess, so that a regression
+    fails this test instead of hanging the run."""
+    result = subprocess.run(
+        [sys.executable, "-c", SLOW_LINE.format(pattern=SLOW_PATTERN)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "the pattern took too long on this line (rewrite the pattern)",
+        "aaaa",
+    ]
+
+
+def test_the_bus_bounds_every_search(peer: PtyPeer) -> None:
+    bus, _ = make_bus(peer.path)
+    assert bus._decoder.search is not plain_search
