@@ -154,6 +154,8 @@ def sentence_problem(sentence: str) -> str | None:
     """Why ``sentence`` (a point's ``sentence`` key) names no NMEA 0183 sentence, with a
     hint for a mistype; ``None`` when it is fine: a known type (``GGA``), a known talker and
     type (``GPGGA``), or a proprietary id (``P...``, taken as given)."""
+    if sentence[:1] in ("$", "!") and sentence_problem(sentence[1:]) is None:
+        return f"{sentence!r}: write the sentence id without the leading {sentence[0]!r}"
     if not _SENTENCE.fullmatch(sentence):
         upper = sentence.upper()
         fixed = upper != sentence and sentence_problem(upper) is None  # recurse only on a change

@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args.config)
         return demo()
     except KeyboardInterrupt:
+        entry.ignore_signals()
         return 130
     except BrokenPipeError:
         # `check-config | head`: the reader has all it wanted. Quietly, as other tools do;
@@ -213,7 +214,7 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
             # handled: trio closes its signal wakeup socket before it restores the previous
             # one, and a handled signal in between prints "Exception ignored when trying to
             # write to the signal wakeup fd".
-            _ignore_stop_signals()
+            entry.ignore_signals()
 
     try:
         trio.run(serve)
@@ -226,18 +227,10 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
         if not gateway.stopped_cleanly:
             raise
     finally:
-        # From here on the process only exits. Ignored, not handled: at exit the interpreter
-        # resets Python-level handlers to the default, which would let a late SIGTERM kill it
-        # (exit 143) and a late SIGINT raise into an atexit callback.
-        _ignore_stop_signals()
+        entry.ignore_signals()
         notifier.close()
     log.info("stopped")
     return 0
-
-
-def _ignore_stop_signals() -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,20 @@ def handle_early_signals() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def ignore_signals() -> None:
+    """The process only exits from here on. Ignored, not handled: at exit the interpreter
+    resets Python-level handlers to the default, which would let a late SIGTERM, SIGINT or
+    SIGHUP kill it by signal."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main() -> int:
     handle_early_signals()
     try:
         from gateway import cli
     except KeyboardInterrupt:
+        ignore_signals()
         return 130
     return cli.main()
 

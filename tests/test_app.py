@@ -425,7 +425,10 @@ os.kill(os.getpid(), signal.SIGHUP)   # ignored: nothing to reload yet
 os.kill(os.getpid(), signal.SIGTERM)  # remembered: the gateway stops as soon as it runs
 print(entry.early_terms, flush=True)
 sys.meta_path.insert(0, Interrupted())
-sys.exit(entry.main())
+status = entry.main()
+os.kill(os.getpid(), signal.SIGTERM)  # a second signal while exiting: ignored, not fatal
+os.kill(os.getpid(), signal.SIGINT)
+sys.exit(status)
 """
 
 

@@ -1120,7 +1120,7 @@ async def test_points_are_read_only(tmp_path: Path) -> None:
         await bus.write("sensor/temperature", 1.0)
 
 
-@pytest.mark.parametrize("sentence", ["", "P", "G", "GP", "$GPGGA", "GPGGA,", "GGA ", "gp"])
+@pytest.mark.parametrize("sentence", ["", "P", "G", "GP", "$XYZ", "GPGGA,", "GGA ", "gp"])
 def test_sentence_values_that_are_not_ids_are_config_errors(sentence: str) -> None:
     """Values upper-casing does not fix once crashed check-config with a RecursionError."""
     problem = sentence_problem(sentence)
@@ -1229,3 +1229,7 @@ def test_a_pattern_too_slow_for_a_line_gives_up_instead_of_freezing_the_gateway(
 def test_the_bus_bounds_every_search(peer: PtyPeer) -> None:
     bus, _ = make_bus(peer.path)
     assert bus._decoder.search is not plain_search
+
+
+def test_a_sentence_written_with_its_dollar_sign_gets_a_hint() -> None:
+    assert sentence_problem("$GPGGA") == "'$GPGGA': write the sentence id without the leading '$'"

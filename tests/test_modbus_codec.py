@@ -247,3 +247,30 @@ def test_rtu_crc_error_reason_is_crc() -> None:
     with pytest.raises(FrameError) as caught:
         codec.response()
     assert caught.value.reason == "crc"
+
+
+def test_mbap_junk_before_a_frame_is_skipped_and_counted() -> None:
+    """A device that pads its answers: the junk glued in front of the next frame must not
+    turn a good answer into 'not Modbus'."""
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(b"\x00\x00\x00" + _mbap_answer(codec, 1, bytes.fromhex("0302002a")))
+    assert codec.response() == Response(registers=(42,))
+    assert codec.skipped == 3
+
+
+def test_mbap_answer_of_another_protocol_is_still_not_modbus_after_the_skip_rule() -> None:
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with pytest.raises(NotModbusError):
+        codec.response()
+
+
+def test_exception_response_to_another_function_is_a_bad_response() -> None:
+    codec = MbapCodec()
+    codec.encode(Request.read("holding", 1, 0, 1))
+    codec.receive_data(_mbap_answer(codec, 1, bytes.fromhex("8402")))
+    with pytest.raises(FrameError, match="exception response to function 4, expected 3") as e:
+        codec.response()
+    assert e.value.reason == "bad response"

@@ -205,3 +205,21 @@ def test_host_values_pasted_wrongly_are_config_errors(host: str, message: str) -
 @pytest.mark.parametrize("host", ["10.0.0.5", "::1", "fe80::1%eth0", "plc-7.plant.local", "PLC_7"])
 def test_addresses_and_names_are_accepted(host: str) -> None:
     parse_config(TCP_BUS.format(host=f'"{host}"'))
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("10.0.0.256", "'10.0.0.256' is not a valid IPv4 address"),
+        ("1.2.3", "'1.2.3' is not a valid IPv4 address"),
+        ("[::1]", "'[::1]': write the address without brackets, host = '::1'"),
+        ("2001:db8:::1", "'2001:db8:::1' is not an IP address or host name"),
+        ("plc:502", "'plc:502' includes a port: write host = 'plc' and port = 502"),
+    ],
+)
+def test_host_hints_are_right(host: str, message: str) -> None:
+    from drivers.modbus.config import host_problem
+
+    problem = host_problem(host)
+    assert problem is not None
+    assert problem.startswith(message)

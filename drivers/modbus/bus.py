@@ -230,6 +230,8 @@ class ModbusBus:
                 errors.setdefault(e.reason, []).extend(p.point.name for p in read.points)
                 continue
             except FrameError as e:
+                if e.reason == "bad response":  # TCP: the device itself answers wrongly
+                    device.problem = "bad response"
                 stats.crc_errors += 1
                 stats.last_error = f"{e.reason}: {e}"
                 self._publish_bad(device, [p.point for p in read.points], e.reason)

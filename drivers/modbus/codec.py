@@ -199,6 +199,11 @@ class Response:
 
 def _response(request: Request, pdu: ModbusPDU) -> Response:
     if isinstance(pdu, ExceptionResponse) or pdu.function_code & 0x80:
+        if pdu.function_code & 0x7F != request.function_code:
+            raise FrameError(
+                f"exception response to function {pdu.function_code & 0x7F}, "
+                f"expected {request.function_code}"
+            )
         raise ModbusExceptionResponse(request.function_code, pdu.exception_code)
     if pdu.function_code != request.function_code:
         raise FrameError(
@@ -297,6 +302,7 @@ class MbapCodec:
         self._tid = 0
         self._request: Request | None = None
         self.stale = 0
+        self.skipped = 0  # junk bytes dropped before a frame
 
     def encode(self, request: Request) -> bytes:
         self._tid = self._tid % 0xFFFF + 1  # 1..65535; 0 is never used
@@ -313,11 +319,15 @@ class MbapCodec:
         assert self._request is not None, "encode() a request first"
         while len(self._buffer) >= 4:
             if self._buffer[2:4] != b"\x00\x00":  # the protocol id is 0 for Modbus
+                if self._skip_to_our_frame():
+                    continue
                 raise self._not_modbus()
             if len(self._buffer) < 6:
                 return None
             size = 6 + int.from_bytes(self._buffer[4:6], "big")
             if size < 8 or size > 260:
+                if self._skip_to_our_frame():
+                    continue
                 raise self._not_modbus()
             if len(self._buffer) < size:
                 return None
@@ -341,6 +351,17 @@ class MbapCodec:
         if pdu[0] in (1, 2, 3, 4) and len(pdu) >= 2 and len(pdu) != 2 + pdu[1]:
             raise FrameError(f"MBAP length says {len(pdu)} PDU bytes, the byte count {2 + pdu[1]}")
         return _response(self._request, _decode_pdu(pdu))
+
+    def _skip_to_our_frame(self) -> bool:
+        """Junk before a frame (a device that pads its answers, the tail of a garbled one):
+        when our transaction id and protocol id 0 follow later in the buffer, drop what
+        precedes them and count it. Another protocol's answer has no such header."""
+        start = self._buffer.find(self._tid.to_bytes(2, "big") + b"\x00\x00", 1)
+        if start < 0:
+            return False
+        self.skipped += start
+        del self._buffer[:start]
+        return True
 
     def _not_modbus(self) -> NotModbusError:
         # Nothing after a foreign header can be framed: drop it all (the link reconnects).

@@ -344,9 +344,16 @@ def host_problem(host: str) -> str | None:
         pass
     else:
         return None
+    if host.startswith("[") and host.endswith("]"):
+        return f"{host!r}: write the address without brackets, host = {host[1:-1]!r}"
     name, colon, port = host.rpartition(":")
-    if colon and port.isdigit() and name.strip("[]"):
-        return f"{host!r} includes a port: write host = {name.strip('[]')!r} and port = {port}"
+    bare = name.strip("[]")
+    # An IPv6 address with a port is written in brackets; unbracketed, the colon is its own.
+    ipv6 = ":" in bare and not name.startswith("[")
+    if colon and port.isdigit() and bare and not ipv6 and host_problem(bare) is None:
+        return f"{host!r} includes a port: write host = {bare!r} and port = {port}"
+    if all(c.isdigit() or c == "." for c in host):
+        return f"{host!r} is not a valid IPv4 address (four numbers 0-255, e.g. 10.0.0.5)"
     if len(host) > 253 or not _HOST_NAME.fullmatch(host):
         allowed = "letters, digits, '-', '_' and '.' only"
         return f"{host!r} is not an IP address or host name ({allowed})"
