@@ -68,8 +68,9 @@ def test_rtu_crc_error() -> None:
     frame = bytearray(rtu(ReadHoldingRegistersResponse(registers=[1, 2], dev_id=1)))
     frame[4] ^= 0x01
     codec.receive_data(bytes(frame))
-    with pytest.raises(FrameError, match="CRC mismatch"):
+    with pytest.raises(FrameError, match="CRC mismatch") as caught:
         codec.response()
+    assert caught.value.reason == "crc"  # a serial line: noise is the likely cause
 
 
 def test_rtu_answer_from_another_unit() -> None:
@@ -236,17 +237,6 @@ def test_mbap_wrong_answers_are_bad_responses_not_crc(unit: int, pdu: bytes, mes
         codec.response()
     assert caught.value.reason == "bad response"
     assert "Input/Output" not in str(caught.value)
-
-
-def test_rtu_crc_error_reason_is_crc() -> None:
-    codec = RtuCodec()
-    codec.encode(Request.read("holding", 1, 0, 2))
-    frame = bytearray(rtu(ReadHoldingRegistersResponse(registers=[1, 2], dev_id=1)))
-    frame[4] ^= 0x01
-    codec.receive_data(bytes(frame))
-    with pytest.raises(FrameError) as caught:
-        codec.response()
-    assert caught.value.reason == "crc"
 
 
 def test_mbap_junk_before_a_frame_is_skipped_and_counted() -> None:
