@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from gateway import __version__, entry
+from gateway import __version__, deviceauth, entry
 from gateway.app import Extra, Gateway, prepare_state_dir, request_plan
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
 from gateway.core import logs
@@ -121,6 +121,29 @@ def _parser() -> argparse.ArgumentParser:
             "  edge-gateway demo    (from a checkout: make demo)"
         ),
     )
+    hash_token = sub.add_parser(
+        "hash-token",
+        help="print the SHA-256 of a device token for [[device_plane.clients]]",
+        formatter_class=raw,
+        description=(
+            "Print the hash of a device's token, as token_sha256 in its\n"
+            "[[device_plane.clients]] table wants it. The token is read from one line on\n"
+            "stdin (not echoed on a terminal), or taken from the argument (which shell\n"
+            "history and ps can see). With --new, make a new random token and print it\n"
+            "with its hash: the token goes to the device, the hash into the config. The\n"
+            "gateway stores only the hash.\n"
+            "\n"
+            "exit status:\n"
+            "  0    printed\n"
+            "  2    no usable token (empty, spaces, or both --new and TOKEN)\n"
+            "\n"
+            "examples:\n"
+            "  edge-gateway hash-token --new\n"
+            "  edge-gateway hash-token < hmi-1.token"
+        ),
+    )
+    hash_token.add_argument("token", nargs="?", metavar="TOKEN", help="the token to hash")
+    hash_token.add_argument("--new", action="store_true", help="make a new token and hash it")
     return parser
 
 
@@ -132,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.config, plan=args.plan)
         if args.command == "run":
             return run(args.config)
+        if args.command == "hash-token":
+            return deviceauth.hash_token_command(args.token, new=args.new)
         return demo()
     except KeyboardInterrupt:
         entry.ignore_signals()

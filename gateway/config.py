@@ -53,6 +53,8 @@ from gateway.core.configtypes import (
     read_regular_file,
     toml_repr,
 )
+from gateway.core.topics import DEVICE_NAMESPACE
+from gateway.deviceauth import DevicePlaneSection
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 stops a crash loop
@@ -105,6 +107,8 @@ class Config:
     hub: HubSection = attrs.Factory(HubSection)
     buses: tuple[BusConfig, ...] = ()
     """Each a driver's config class, chosen by its ``kind`` (see ``drivers.registry``)."""
+    device_plane: DevicePlaneSection | None = None
+    """The wss server for devices and HMIs; None (no ``[device_plane]``): no server."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         s = self.supervisor
@@ -138,6 +142,15 @@ class Config:
         for i, bus in enumerate(self.buses):
             for path, message in bus.check():
                 yield f"buses[{i}].{path}", message
+            if bus.name == DEVICE_NAMESPACE:
+                yield (
+                    f"buses[{i}].name",
+                    f"{bus.name!r} is reserved for readings that devices publish over the device "
+                    f"plane ({DEVICE_NAMESPACE}/<client id>/<point>): give the bus another name",
+                )
+        if self.device_plane is not None:
+            for path, message in self.device_plane.check():
+                yield f"device_plane.{path}", message
 
 
 class ConfigError(Exception):
@@ -335,6 +348,15 @@ def parse_config(
                 "is a single table ([buses]): write [[buses]], with two brackets, for each bus",
             )
         )
+    plane = data.get("device_plane")
+    if isinstance(plane, dict) and isinstance(plane.get("clients"), dict):
+        problems.append(
+            (
+                "device_plane.clients",
+                "is a single table ([device_plane.clients]): write [[device_plane.clients]], "
+                "with two brackets, for each client",
+            )
+        )
     if problems:
         raise ConfigError(source, problems)
     conv = _make_converter(config_dir or Path.cwd(), kinds)
@@ -499,6 +521,8 @@ def summary(config: Config) -> list[str]:
         f"supervisor: backoff {format_duration(config.supervisor.backoff_initial)} .. "
         f"{format_duration(config.supervisor.backoff_max)}",
     ]
+    if config.device_plane is not None:
+        lines.append(config.device_plane.describe())
     for bus in config.buses:
         topics = list(bus.topics())
         devices = len({t.split("/")[1] for t in topics})

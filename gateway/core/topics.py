@@ -52,3 +52,19 @@ def matches(pattern: str, topic: str) -> bool:
         if p != "+" and p != t_levels[i]:
             return False
     return len(p_levels) == len(t_levels)
+
+
+DEVICE_NAMESPACE = "devices"
+"""First topic level of every reading a device publishes over the device plane:
+``devices/<client id>/<point>``. Reserved: no bus may take this name, so a device can never
+publish as a sensor bus."""
+
+
+def device_topic(client_id: str, point: str) -> str:
+    """The topic of a reading that client ``client_id`` publishes for ``point``; raises
+    ``ValueError`` when either is not a valid topic level."""
+    for name in (client_id, point):
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"not a topic level: {problem}")
+    return f"{DEVICE_NAMESPACE}/{client_id}/{point}"

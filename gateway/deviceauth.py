@@ -1,0 +1,536 @@
+"""The device plane's configuration, tokens, and who may connect and do what.
+
+Pure code, no sockets: the ``[device_plane]`` config section and its checks, token hashing
+(``hash-token``), the handshake decision (``Authenticator.authenticate``: an ``Identity`` or a
+``Refusal``) and the ACL (``Identity.may_subscribe`` / ``may_publish``). The wss server feeds
+it the handshake's headers, query and offered subprotocols and acts on the answer.
+
+Depends only on ``gateway.core`` (topics, config value types); ``gateway.config`` imports the
+section from here, as it does the drivers' sections.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import hmac
+import ipaddress
+import re
+import secrets
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal, TextIO
+
+import attrs
+
+from gateway.core.configtypes import Duration, Name, Secret, Size, format_duration
+from gateway.core.topics import (
+    DEVICE_NAMESPACE,
+    device_topic,
+    matches,
+    name_problem,
+    pattern_problem,
+)
+
+SUBPROTOCOL = "edge-gateway.v1"
+"""The WebSocket subprotocol the server selects when a client offers it."""
+
+BEARER_PREFIX = "bearer."
+"""A ``Sec-WebSocket-Protocol`` offer ``bearer.<token>`` carries a token (for browsers)."""
+
+MAX_TOKEN_LENGTH = 4096
+"""Longer presented tokens are refused unhashed; generated ones have 43 characters."""
+
+MIN_TOKEN_LENGTH = 20
+"""``hash-token`` warns below this: a short token can be guessed from a leaked hash."""
+
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+"""The largest ``max_message_size`` accepted: memory per connection stays bounded."""
+
+Overflow = Literal["drop-oldest", "disconnect"]
+Via = Literal["header", "subprotocol", "query"]
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+_ORIGIN = re.compile(r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class DeviceClient:
+    """One ``[[device_plane.clients]]`` table: a device or HMI and what it may do."""
+
+    id: Name
+    token_sha256: str
+    """SHA-256 of the client's token, 64 hex digits (``edge-gateway hash-token``)."""
+    subscribe: tuple[str, ...] = ()
+    """Topic patterns (``+``, ``#``) the client may subscribe within."""
+    publish: tuple[str, ...] = ()
+    """Point names (or ``+`` / ``#`` for any) the client may publish as
+    ``devices/<id>/<point>``."""
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not _HEX64.fullmatch(self.token_sha256):
+            # Never echo the value: a token pasted here by mistake would end up in the journal.
+            what = (
+                "looks like a token, not its hash"
+                if len(self.token_sha256) != 64
+                else "is not hexadecimal"
+            )
+            yield (
+                "token_sha256",
+                f"{what}: write the 64 hex digits that 'edge-gateway hash-token' prints "
+                "(the gateway stores only the hash; the device keeps the token)",
+            )
+        for k, pattern in enumerate(self.subscribe):
+            problem = pattern_problem(pattern)
+            if problem:
+                yield f"subscribe[{k}]", f"{problem}: write a topic pattern such as 'line-1/+/#'"
+        for k, point in enumerate(self.publish):
+            problem = publish_pattern_problem(point)
+            if problem:
+                yield f"publish[{k}]", problem
+
+
+def publish_pattern_problem(point: str) -> str | None:
+    """Why ``point`` is not a publish pattern (a point name, ``+`` or ``#``), or None."""
+    if point in ("+", "#"):
+        return None
+    if "/" in point:
+        return (
+            f"{point!r}: give a point name (or '+' for any point), not a topic: the client "
+            f"publishes under {DEVICE_NAMESPACE}/<its id>/ by itself"
+        )
+    problem = name_problem(point)
+    return f"{problem} (or '+' for any point)" if problem else None
+
+
+@attrs.frozen
+class DevicePlaneSection:
+    """``[device_plane]``: the wss server for devices and HMIs. Absent: no server."""
+
+    listen: str = "0.0.0.0"
+    port: int = 8443
+    tls_cert_file: Secret | None = None
+    tls_key_file: Secret | None = None
+    client_ca_file: Secret | None = None
+    plain: bool = False
+    handshake_timeout: Duration = Duration(10.0)
+    max_connections: int = 100
+    max_message_size: Size = Size(64 * 1024)
+    ping_interval: Duration = Duration(20.0)
+    ping_timeout: Duration = Duration(20.0)
+    send_timeout: Duration = Duration(10.0)
+    queue: int = 1000
+    """Readings queued per client before ``overflow`` applies."""
+    overflow: Overflow = "drop-oldest"
+    messages_per_second: float = 50.0
+    bytes_per_second: Size = Size(256 * 1024)
+    burst: Duration = Duration(2.0)
+    """Token-bucket depth as time's worth of each rate: ``rate * burst`` may come at once."""
+    max_errors: int = 10
+    dedupe_window: int = 1000
+    origins: tuple[str, ...] = ()
+    clients: tuple[DeviceClient, ...] = ()
+
+    @property
+    def messages_burst(self) -> float:
+        """Capacity of the per-connection message bucket."""
+        return self.messages_per_second * self.burst
+
+    @property
+    def bytes_burst(self) -> float:
+        """Capacity of the per-connection byte bucket (at least ``max_message_size``)."""
+        return self.bytes_per_second * self.burst
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        """``(path, message)`` below ``device_plane`` for every problem."""
+        yield from self._check_listen()
+        if not 1 <= self.port <= 65535:
+            yield "port", f"{self.port} is not a TCP port: give 1 .. 65535"
+        for key in ("handshake_timeout", "ping_interval", "ping_timeout", "send_timeout", "burst"):
+            if getattr(self, key) <= 0:
+                yield key, "must be greater than 0"
+        for key, low in (
+            ("max_connections", 1),
+            ("queue", 1),
+            ("max_errors", 1),
+            ("dedupe_window", 1),
+        ):
+            if getattr(self, key) < low:
+                yield key, f"must be at least {low}"
+        size_ok = 1024 <= self.max_message_size <= MAX_MESSAGE_SIZE
+        if not size_ok:
+            yield "max_message_size", "must be from 1KiB to 16MiB"
+        if self.messages_per_second <= 0:
+            yield "messages_per_second", "must be greater than 0"
+        elif self.burst > 0 and self.messages_burst < 1:
+            yield (
+                "burst",
+                f"messages_per_second * burst is {self.messages_burst:g}: no message could "
+                "ever pass; raise burst or messages_per_second",
+            )
+        if self.bytes_per_second <= 0:
+            yield "bytes_per_second", "must be greater than 0"
+        elif size_ok and self.burst > 0 and self.bytes_burst < self.max_message_size:
+            yield (
+                "burst",
+                f"bytes_per_second * burst ({int(self.bytes_burst)} bytes) is below "
+                f"max_message_size ({self.max_message_size} bytes): a message of the largest "
+                "allowed size could never pass; raise burst or bytes_per_second",
+            )
+        for i, origin in enumerate(self.origins):
+            problem = origin_problem(origin)
+            if problem:
+                yield f"origins[{i}]", problem
+        yield from self._check_clients()
+
+    def _check_listen(self) -> Iterator[tuple[str, str]]:
+        address = _ip(self.listen)
+        if address is None and not _HOSTNAME.fullmatch(self.listen):
+            yield (
+                "listen",
+                f"{self.listen!r} is not an IP address or host name: write e.g. "
+                '"0.0.0.0" (every IPv4 interface) or "192.168.10.5"',
+            )
+            return
+        tls_keys = ("tls_cert_file", "tls_key_file", "client_ca_file")
+        if self.plain:
+            if address is None or not address.is_loopback:
+                yield (
+                    "plain",
+                    f"plain ws:// is allowed only on a loopback address, and listen is "
+                    f"{self.listen!r}: tokens and readings would cross the network "
+                    'unencrypted; set listen = "127.0.0.1" (or "::1"), or serve wss: '
+                    "set tls_cert_file and tls_key_file and remove plain",
+                )
+            for key in tls_keys:
+                if getattr(self, key) is not None:
+                    yield (
+                        key,
+                        "is set, but plain = true serves ws:// without TLS: remove one of them",
+                    )
+        else:
+            for key in tls_keys[:2]:
+                if getattr(self, key) is None:
+                    yield (
+                        key,
+                        "missing: wss needs a certificate and its key (or, for a test on "
+                        'this machine only, plain = true with listen = "127.0.0.1")',
+                    )
+
+    def _check_clients(self) -> Iterator[tuple[str, str]]:
+        ids: dict[str, int] = {}
+        hashes: dict[str, int] = {}
+        for i, client in enumerate(self.clients):
+            for path, message in client.check():
+                yield f"clients[{i}].{path}", message
+            if client.id in ids:
+                yield (
+                    f"clients[{i}].id",
+                    f"duplicate id {client.id!r} (clients[{ids[client.id]}] has it too): "
+                    "ids must be unique",
+                )
+            else:
+                ids[client.id] = i
+            digest = client.token_sha256.lower()
+            if digest in hashes:
+                yield (
+                    f"clients[{i}].token_sha256",
+                    f"the same token hash as clients[{hashes[digest]}]: give every client "
+                    "its own token ('edge-gateway hash-token --new')",
+                )
+            else:
+                hashes[digest] = i
+
+    def describe(self) -> str:
+        """One line for ``check-config``."""
+        scheme = "ws" if self.plain else "wss"
+        mtls = ", client certificates required" if self.client_ca_file else ""
+        n = len(self.clients)
+        return (
+            f"device plane: {scheme}://{_host_port(self.listen, self.port)}{mtls}, "
+            f"{n} client{'' if n == 1 else 's'}, at most {self.max_connections} connections, "
+            f"ping every {format_duration(self.ping_interval)} "
+            "(checked only: the server is not in this version yet)"
+        )
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normalize_origin(origin: str) -> str:
+    """An origin as browsers send it: lower case, without the scheme's default port."""
+    origin = origin.strip().lower()
+    m = _ORIGIN.fullmatch(origin)
+    if m and m.group(3) == _DEFAULT_PORTS[m.group(1)]:
+        return f"{m.group(1)}://{m.group(2)}"
+    return origin
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why ``origin`` cannot be in the allow-list, or None."""
+    if origin.strip().lower() == "null":
+        return (
+            "'null' is the origin of sandboxed pages and local files, which any site can "
+            "create: list the real origins, e.g. 'https://hmi.plant.local'"
+        )
+    m = _ORIGIN.fullmatch(origin.strip().lower())
+    if not m or (m.group(3) is not None and not 1 <= int(m.group(3)) <= 65535):
+        return (
+            f"{origin!r} is not an origin: write scheme://host[:port] without a path or a "
+            "trailing slash, e.g. 'https://hmi.plant.local' or 'http://10.0.0.7:8080'"
+        )
+    return None
+
+
+# ---- tokens ---------------------------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 of ``token`` (UTF-8) as 64 lower-case hex digits, as stored in the config.
+
+    Unsalted on purpose: tokens are random (``generate_token``), not passwords, so a salt or
+    a slow hash adds nothing, and an unsalted hash lets the handshake find the client."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def generate_token() -> str:
+    """A new random token: 32 bytes, URL-safe base64 (43 characters; fits a header, a
+    subprotocol offer and a query string without escaping)."""
+    return secrets.token_urlsafe(32)
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` could not be presented as a bearer token, or None."""
+    if not token:
+        return "the token is empty"
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"the token is longer than {MAX_TOKEN_LENGTH} characters"
+    if not all("!" <= c <= "~" for c in token):
+        return (
+            "the token has spaces, control or non-ASCII characters, which an Authorization "
+            "header cannot carry: use 'hash-token --new'"
+        )
+    return None
+
+
+def hash_token_command(
+    token: str | None,
+    *,
+    new: bool,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """``edge-gateway hash-token``: print a token's hash, or (``--new``) a new token and its
+    hash. The token comes from the argument or from one line on stdin (no echo on a
+    terminal). Exit status 0, or 2 for an unusable token."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    if new:
+        if token is not None:
+            print("hash-token: give either --new or a TOKEN, not both", file=stderr)
+            return 2
+        token = generate_token()
+        print(f"token = {token}", file=stdout)
+        print(f'token_sha256 = "{hash_token(token)}"', file=stdout)
+        print(
+            "Give the token to the device (it sends 'Authorization: Bearer <token>'); put the\n"
+            "token_sha256 line in its [[device_plane.clients]] table. Only the hash is kept:\n"
+            "the token cannot be shown again.",
+            file=stderr,
+        )
+        return 0
+    if token is None:
+        token = getpass.getpass("token: ") if stdin.isatty() else stdin.readline()
+        token = token.rstrip("\r\n")
+    problem = token_problem(token)
+    if problem:
+        print(f"hash-token: {problem}", file=stderr)
+        return 2
+    if len(token) < MIN_TOKEN_LENGTH:
+        print(
+            f"hash-token: warning: a token of {len(token)} characters can be guessed from its "
+            "hash; 'hash-token --new' makes a strong one",
+            file=stderr,
+        )
+    print(hash_token(token), file=stdout)
+    return 0
+
+
+# ---- the handshake --------------------------------------------------------------------------
+
+
+def pattern_within(inner: str, outer: str) -> bool:
+    """True when every topic that pattern ``inner`` matches is matched by pattern ``outer``
+    (both valid MQTT-style patterns, ``a/#`` also matching ``a``, as ``topics.matches``)."""
+    return _within(inner.split("/"), outer.split("/"), top=True)
+
+
+def _within(inner: list[str], outer: list[str], *, top: bool) -> bool:
+    # Level by level over what is left of both; below the top an empty rest is a topic that
+    # ended, which a trailing '#' also matches ('a/#' matches 'a').
+    if outer and outer[0] == "#":
+        return True
+    if not inner:
+        return not outer
+    if inner[0] == "#":
+        # Any rest (the empty one too, below the top): only '#', or at the top '+/#', which
+        # matches every topic of one level or more, covers that.
+        return top and outer == ["+", "#"]
+    if not outer:
+        return False
+    if outer[0] != "+" and outer[0] != inner[0]:
+        return False  # a literal never covers '+', nor another literal
+    return _within(inner[1:], outer[1:], top=False)
+
+
+@attrs.frozen
+class Identity:
+    """An authenticated client, with what it may do."""
+
+    client_id: str
+    subscribe: tuple[str, ...]
+    publish: tuple[str, ...]
+    via: Via
+    """Where the token was found: ``Authorization`` header, subprotocol offer, query string."""
+    subprotocol: str | None = None
+    """What the server must select in its handshake answer (``SUBPROTOCOL`` when offered)."""
+    token_sha256: str = attrs.field(default="", repr=False)
+
+    def may_subscribe(self, pattern: str) -> bool:
+        """Whether every topic ``pattern`` can match lies within one allowed pattern."""
+        if pattern_problem(pattern):
+            return False
+        return any(pattern_within(pattern, allowed) for allowed in self.subscribe)
+
+    def may_publish(self, point: str) -> bool:
+        """Whether the client may publish readings of ``point`` (one topic level)."""
+        if name_problem(point):
+            return False
+        return any(matches(allowed, point) for allowed in self.publish)
+
+    def topic(self, point: str) -> str:
+        """The topic of a reading this client publishes for ``point``."""
+        return device_topic(self.client_id, point)
+
+
+@attrs.frozen
+class Refusal:
+    """A handshake to reject: 401 (no or unknown token) or 403 (Origin not allowed).
+    ``reason`` is safe to log: it never contains the token."""
+
+    status: Literal[401, 403]
+    reason: str
+
+
+def _bearer(headers: Mapping[str, str]) -> str | Refusal | None:
+    value = headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return Refusal(401, "the Authorization header is not 'Bearer <token>'")
+    return token.strip()
+
+
+def _offered(subprotocols: Sequence[str]) -> str | Refusal | None:
+    offers = [p for p in subprotocols if p.lower().startswith(BEARER_PREFIX)]
+    if not offers:
+        return None
+    if len(offers) > 1:
+        return Refusal(401, "more than one bearer.<token> subprotocol offered")
+    if SUBPROTOCOL not in subprotocols:
+        # The server must select an offered subprotocol (browsers fail the connection
+        # otherwise), and selecting bearer.<token> would echo the token in the answer.
+        return Refusal(401, f"a bearer.<token> subprotocol needs {SUBPROTOCOL!r} offered with it")
+    return offers[0][len(BEARER_PREFIX) :]
+
+
+class Authenticator:
+    """Decides each handshake from the configured clients and Origin allow-list.
+
+    Built once per config (and again on reload); ``refresh`` tells whether an identity from
+    the previous config still holds."""
+
+    def __init__(self, clients: Sequence[DeviceClient], origins: Sequence[str]) -> None:
+        self._clients = tuple(clients)
+        self._digests = tuple(bytes.fromhex(c.token_sha256) for c in self._clients)
+        self._origins = frozenset(normalize_origin(o) for o in origins)
+
+    @classmethod
+    def from_section(cls, section: DevicePlaneSection) -> Authenticator:
+        return cls(section.clients, section.origins)
+
+    def authenticate(
+        self,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        subprotocols: Sequence[str],
+    ) -> Identity | Refusal:
+        """The handshake's answer. ``headers`` with lower-case names. The Origin is checked
+        first; then the token is taken from the first of: ``Authorization: Bearer``, a
+        ``bearer.<token>`` subprotocol offer, the ``token`` query parameter."""
+        origin = headers.get("origin")
+        if origin is not None and normalize_origin(origin) not in self._origins:
+            # Header-less (non-browser) clients pass; a browser page only from a listed origin.
+            shown = origin if origin_problem(origin) is None else "(malformed)"
+            return Refusal(403, f"Origin {shown} is not in device_plane.origins")
+        via: Via = "header"
+        token = _bearer(headers)
+        if token is None:
+            via, token = "subprotocol", _offered(subprotocols)
+        if token is None:
+            via, token = "query", query.get("token")
+        if token is None:
+            return Refusal(401, "no token")
+        if isinstance(token, Refusal):
+            return token
+        problem = token_problem(token)
+        if problem:
+            return Refusal(401, f"unusable token ({via}): {problem}")
+        client = self._lookup(hashlib.sha256(token.encode()).digest())
+        if client is None:
+            return Refusal(401, f"unknown token ({via})")
+        return Identity(
+            client_id=client.id,
+            subscribe=client.subscribe,
+            publish=client.publish,
+            via=via,
+            subprotocol=SUBPROTOCOL if SUBPROTOCOL in subprotocols else None,
+            token_sha256=client.token_sha256.lower(),
+        )
+
+    def _lookup(self, digest: bytes) -> DeviceClient | None:
+        # Every stored hash is compared, with no early exit, so the time taken does not say
+        # how many clients come before the matching one (or that none matched).
+        found = None
+        for client, stored in zip(self._clients, self._digests, strict=True):
+            if hmac.compare_digest(digest, stored) and found is None:
+                found = client
+        return found
+
+    def refresh(self, identity: Identity) -> Identity | None:
+        """``identity`` with its client's current ACL, or None when the client was removed
+        or its token changed (the server closes that connection with 1008)."""
+        for client in self._clients:
+            if client.id == identity.client_id:
+                if not hmac.compare_digest(
+                    client.token_sha256.lower().encode(), identity.token_sha256.encode()
+                ):
+                    return None
+                return attrs.evolve(identity, subscribe=client.subscribe, publish=client.publish)
+        return None
