@@ -347,6 +347,7 @@ def hash_token_command(
         token = generate_token()
         print(f"token = {token}", file=stdout)
         print(f'token_sha256 = "{hash_token(token)}"', file=stdout)
+        stdout.flush()  # before the hint on stderr, so a terminal shows them in order
         print(
             "Give the token to the device (it sends 'Authorization: Bearer <token>'); put the\n"
             "token_sha256 line in its [[device_plane.clients]] table. Only the hash is kept:\n"
