@@ -1,0 +1,494 @@
+"""The device plane: the wss server where devices and HMIs watch readings and publish their own.
+
+A thin Trio adapter around the sans-IO pieces: ``gateway.deviceauth`` decides each handshake,
+``gateway.protocol`` parses client frames and builds the gateway's, ``gateway.hub`` fans
+readings out. Each connection runs a reader and a writer task in one nursery; when either
+ends the other is cancelled, its hub subscription is removed and the WebSocket is closed with
+the code that says why (``docs/protocol.md``, "Closing codes").
+
+``DevicePlane`` is a supervisor ``Part``: ``run`` binds, reports started once listening, and on
+cancellation closes every open connection with 1001 (shielded, bounded) before returning.
+
+Depends on trio, trio-websocket, ``gateway.core``, ``gateway.deviceauth``, ``gateway.hub`` and
+``gateway.protocol``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from urllib.parse import parse_qsl, urlsplit
+
+import attrs
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
+
+from gateway.core.component import Condition, State
+from gateway.core.logs import kv
+from gateway.deviceauth import Authenticator, DevicePlaneSection, Identity, Refusal
+from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription
+from gateway.protocol import (
+    Ack,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    ack_frame,
+    gap_frame,
+    parse_client_message,
+    pong_frame,
+    published_reading,
+    readings_frame,
+)
+
+log = logging.getLogger("gateway.deviceplane")
+
+# Closing codes (RFC 6455 section 7.4.1; docs/protocol.md, "Closing codes").
+GOING_AWAY = 1001
+UNSUPPORTED_DATA = 1003
+TRY_AGAIN_LATER = 1013
+
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+"""Seconds for closing every connection (1001) when the server stops."""
+
+
+def server_ssl_context(section: DevicePlaneSection) -> ssl.SSLContext | None:
+    """The TLS context of the server (TLS 1.2 or newer), or None for plain ``ws://``.
+
+    Loaded from the files the config names, so a new context picks up a rotated certificate."""
+    if section.plain:
+        return None
+    if section.tls_cert_file is None or section.tls_key_file is None:
+        raise ValueError("device_plane: wss needs tls_cert_file and tls_key_file (or plain)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(section.tls_cert_file.source, section.tls_key_file.source)
+    return context
+
+
+@attrs.frozen
+class ClientStatistics:
+    """One open connection."""
+
+    client_id: str
+    peer: str
+    patterns: tuple[str, ...]
+    queued: int
+    """Readings waiting in its hub subscription."""
+    dropped: int
+    messages_in: int
+    messages_out: int
+
+
+@attrs.frozen
+class DevicePlaneStatistics:
+    listening: bool
+    port: int | None
+    connections: int
+    refused: int
+    """Handshakes rejected (401, 403, 503) since start."""
+    messages_in: int
+    """Frames received, over all connections since start."""
+    messages_out: int
+    dropped: int
+    """Readings dropped for slow clients, over all connections since start."""
+    clients: tuple[ClientStatistics, ...]
+
+
+class _Closing(Exception):
+    """Ends a connection's tasks with a closing code for the client."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class DevicePlane:
+    """The wss server (a supervisor ``Part``). ``port`` is the bound port once started."""
+
+    def __init__(
+        self,
+        section: DevicePlaneSection,
+        hub: Hub,
+        *,
+        ssl_context_factory: Callable[
+            [DevicePlaneSection], ssl.SSLContext | None
+        ] = server_ssl_context,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.section = section
+        self.hub = hub
+        self._ssl_context_factory = ssl_context_factory
+        self._authenticator = Authenticator.from_section(section)
+        self.shutdown_timeout = shutdown_timeout
+        self._wall_clock = wall_clock
+        self.port: int | None = None
+        self._listening = False
+        self._stopping = False
+        self._connections: set[_Connection] = set()
+        self._handshakes = 0  # accepted or being accepted: counts towards max_connections
+        self.refused = 0
+        self.messages_in = 0
+        self.messages_out = 0
+        self.dropped = 0
+
+    # ---- the Part protocol ---------------------------------------------------------------------
+
+    def condition(self) -> Condition:
+        if self._listening:
+            return Condition(State.UP)
+        if self._stopping:
+            return Condition(State.DOWN, "stopped")
+        return Condition(State.STARTING)
+
+    def statistics(self) -> DevicePlaneStatistics:
+        return DevicePlaneStatistics(
+            listening=self._listening,
+            port=self.port,
+            connections=len(self._connections),
+            refused=self.refused,
+            messages_in=self.messages_in,
+            messages_out=self.messages_out,
+            dropped=self.dropped + sum(c.dropped() for c in self._connections),
+            clients=tuple(c.statistics() for c in self._connections),
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; then close every connection with 1001 and return."""
+        ssl_context = self._ssl_context_factory(self.section)
+        stop = trio.Event()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_set_when_cancelled, stop)
+            # The connections live under a shield: the caller's cancellation must not tear
+            # them down before each client was told 1001. ``stop`` starts that shutdown.
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as handlers:
+                    listener = trio.CancelScope()
+                    await handlers.start(self._listen, listener, ssl_context, handlers)
+                    task_status.started()
+                    await stop.wait()
+                    self._listening = False
+                    self._stopping = True
+                    listener.cancel()
+                    for connection in list(self._connections):
+                        connection.shut_down()
+                    # Stragglers (a handshake in progress, a close that hangs) are cancelled.
+                    handlers.cancel_scope.deadline = trio.current_time() + self.shutdown_timeout
+
+    async def _listen(
+        self,
+        scope: trio.CancelScope,
+        ssl_context: ssl.SSLContext | None,
+        handlers: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        section = self.section
+        with scope:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(
+                    partial(
+                        serve_websocket,
+                        self._handle,
+                        section.listen,
+                        section.port,
+                        ssl_context,
+                        handler_nursery=handlers,
+                        max_message_size=section.max_message_size,
+                        connect_timeout=section.handshake_timeout,
+                        disconnect_timeout=self.shutdown_timeout,
+                    )
+                )
+                self.port = server.port
+                self._listening = True
+                scheme = "ws" if ssl_context is None else "wss"
+                log.info("device plane listening on %s://%s:%d", scheme, section.listen, self.port)
+                task_status.started()
+
+    # ---- one connection ------------------------------------------------------------------------
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        # Gone during the handshake (or its rejection): nothing was set up for it.
+        with contextlib.suppress(ConnectionClosed):
+            await self._handshake(request)
+
+    async def _handshake(self, request: WebSocketRequest) -> None:
+        peer = _address(request.remote)
+        if self._stopping:
+            await request.reject(503, body=b"the gateway is shutting down\n")
+            return
+        if self._handshakes >= self.section.max_connections:
+            self.refused += 1
+            log.warning(
+                "device plane refused %s: %d connections open, the maximum",
+                peer,
+                self._handshakes,
+                extra=kv(peer=peer, status=503),
+            )
+            await request.reject(503, body=b"too many connections: try again later\n")
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        query = dict(parse_qsl(urlsplit(request.path).query))
+        answer = self._authenticator.authenticate(headers, query, request.proposed_subprotocols)
+        if isinstance(answer, Refusal):
+            self.refused += 1
+            # ``reason`` never contains the token (deviceauth's promise).
+            log.warning(
+                "device plane refused %s: %s",
+                peer,
+                answer.reason,
+                extra=kv(peer=peer, status=answer.status),
+            )
+            extra = [(b"WWW-Authenticate", b"Bearer")] if answer.status == 401 else None
+            await request.reject(answer.status, extra_headers=extra)
+            return
+        self._handshakes += 1
+        try:
+            ws = await request.accept(subprotocol=answer.subprotocol)
+            await self._serve(ws, answer, peer)
+        finally:
+            self._handshakes -= 1
+
+    async def _serve(self, ws: WebSocketConnection, identity: Identity, peer: str) -> None:
+        connection = _Connection(self, ws, identity, peer)
+        self._connections.add(connection)
+        if self._stopping:
+            connection.shut_down()
+        log.info("device %s connected from %s", identity.client_id, peer, extra=kv(peer=peer))
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+            self.dropped += connection.dropped()
+            connection.unsubscribe_all()
+            log.info(
+                "device %s disconnected (%d%s)",
+                identity.client_id,
+                connection.close_code,
+                f": {connection.close_reason}" if connection.close_reason else "",
+                extra=kv(peer=peer),
+            )
+
+
+def _address(endpoint: Endpoint | str) -> str:
+    if isinstance(endpoint, Endpoint):
+        host = str(endpoint.address)
+        return f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
+    return endpoint
+
+
+async def _set_when_cancelled(event: trio.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        event.set()
+
+
+class _Connection:
+    """The reader and writer of one accepted WebSocket and the hub subscription they share."""
+
+    def __init__(
+        self, plane: DevicePlane, ws: WebSocketConnection, identity: Identity, peer: str
+    ) -> None:
+        self._plane = plane
+        self._ws = ws
+        self.identity = identity
+        self.peer = peer
+        self.patterns: tuple[str, ...] = ()
+        self._subscription: Subscription | None = None
+        self._changed = trio.Event()
+        self._scope = trio.CancelScope()
+        self._dropped_before = 0  # by subscriptions replaced since
+        self.close_code = 1000
+        self.close_reason = ""
+        self.messages_in = 0
+        self.messages_out = 0
+
+    def shut_down(self) -> None:
+        """Close with 1001 (the gateway stops)."""
+        self.close_code, self.close_reason = GOING_AWAY, "the gateway is shutting down"
+        self._scope.cancel()
+
+    def dropped(self) -> int:
+        current = self._subscription.dropped if self._subscription is not None else 0
+        return self._dropped_before + current
+
+    def statistics(self) -> ClientStatistics:
+        sub = self._subscription
+        return ClientStatistics(
+            client_id=self.identity.client_id,
+            peer=self.peer,
+            patterns=self.patterns,
+            queued=sub.statistics().buffered if sub is not None else 0,
+            dropped=self.dropped(),
+            messages_in=self.messages_in,
+            messages_out=self.messages_out,
+        )
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._until_done, self._read, nursery.cancel_scope)
+                    nursery.start_soon(self._until_done, self._write, nursery.cancel_scope)
+        finally:
+            # Shielded: on shutdown the client must still get its 1001.
+            with trio.CancelScope(shield=True), trio.move_on_after(self._plane.shutdown_timeout):
+                await self._ws.aclose(self.close_code, self.close_reason or None)
+
+    async def _until_done(
+        self, task: Callable[[], Awaitable[None]], scope: trio.CancelScope
+    ) -> None:
+        """Run the reader or the writer; when it ends, for whatever reason, so does the other."""
+        try:
+            await task()
+        except _Closing as e:
+            self.close_code, self.close_reason = e.code, e.reason
+        except ConnectionClosed:
+            pass  # the client left (cleanly or not); nothing more to say to it
+        finally:
+            scope.cancel()
+
+    async def _send(self, frame: str) -> None:
+        # A send cancelled halfway leaves a partial frame on the TLS stream, after which not
+        # even a close frame can be sent: so a send is not cancelled from outside (shutdown,
+        # the other task ending), only by its own deadline, which ends the connection anyway.
+        timeout = self._plane.section.send_timeout
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+            await self._ws.send_message(frame)
+        if scope.cancelled_caught:
+            raise _Closing(TRY_AGAIN_LATER, f"a send took longer than {timeout:g}s: read faster")
+        self.messages_out += 1
+        self._plane.messages_out += 1
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    # ---- reader --------------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            data = await self._ws.get_message()
+            self.messages_in += 1
+            self._plane.messages_in += 1
+            if isinstance(data, bytes):
+                raise _Closing(UNSUPPORTED_DATA, "binary frames are not supported: send JSON text")
+            try:
+                message = parse_client_message(data, now=self._plane._wall_clock())
+                await self._dispatch(message)
+            except ProtocolError as e:
+                await self._send(e.frame())
+
+    async def _dispatch(self, message: Subscribe | Unsubscribe | Publish | Ack | Ping) -> None:
+        identity = self.identity
+        if isinstance(message, Subscribe):
+            denied = [p for p in message.topics if not identity.may_subscribe(p)]
+            if denied:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"topics: {', '.join(repr(p) for p in denied)} not within what client "
+                    f"{identity.client_id!r} may subscribe to "
+                    f"({', '.join(identity.subscribe) or 'nothing'}): nothing was subscribed; "
+                    "ask for the pattern to be added to the client's config",
+                )
+            # ``last`` (the latest reading of each topic at once) needs a last-value cache,
+            # which the hub does not keep yet: accepted and ignored for now.
+            self._resubscribe(self.patterns + message.topics)
+        elif isinstance(message, Unsubscribe):
+            self._resubscribe(tuple(p for p in self.patterns if p not in message.topics))
+        elif isinstance(message, Publish):
+            refused = [i for i in message.readings if not identity.may_publish(i.point)]
+            if refused:
+                raise ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    f"readings: point(s) {', '.join(repr(i.point) for i in refused)} not within "
+                    f"what client {identity.client_id!r} may publish "
+                    f"({', '.join(identity.publish) or 'nothing'}): nothing was taken; "
+                    "ask for the point to be added to the client's config",
+                    message.id,
+                )
+            now = self._plane._wall_clock()
+            for item in message.readings:
+                self._plane.hub.publish(published_reading(identity.client_id, item, now))
+            await self._send(ack_frame(message.id))
+        elif isinstance(message, Ping):
+            await self._send(pong_frame(message.id))
+        else:
+            # The answer to a command; commands are not sent yet, so there is none to match.
+            log.debug(
+                "device %s: ack of command %s ignored", identity.client_id, message.command_id
+            )
+
+    def _resubscribe(self, patterns: tuple[str, ...]) -> None:
+        """Replace the hub subscription by one for ``patterns`` (the same ones kept once).
+
+        No checkpoint between subscribing anew and closing the old one, so no reading is
+        offered to both; the writer drains what the old one still holds before moving on."""
+        patterns = tuple(dict.fromkeys(patterns))
+        if patterns == self.patterns:
+            return
+        old = self._subscription
+        section = self._plane.section
+        self._subscription = (
+            self._plane.hub.subscribe(
+                f"device {self.identity.client_id} {self.peer}",
+                patterns,
+                maxlen=section.queue,
+                policy=OverflowPolicy(section.overflow),
+            )
+            if patterns
+            else None
+        )
+        self.patterns = patterns
+        if old is not None:
+            self._dropped_before += old.dropped
+            old.close()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def unsubscribe_all(self) -> None:
+        if self._subscription is not None:
+            self._dropped_before += self._subscription.dropped
+            self._subscription.close()
+            self._subscription = None
+
+    # ---- writer --------------------------------------------------------------------------------
+
+    async def _write(self) -> None:
+        # Subscriptions being replaced leave the old one to drain: follow whichever is current.
+        draining: Subscription | None = None
+        while True:
+            sub = draining or self._subscription
+            if sub is None:
+                await self._changed.wait()
+                continue
+            try:
+                delivery = await sub.receive()
+            except trio.EndOfChannel:
+                draining = None
+                if sub is self._subscription:  # closed under us: wait for a new one
+                    await self._changed.wait()
+                continue
+            except SubscriberOverflow:
+                raise _Closing(
+                    TRY_AGAIN_LATER,
+                    f"more than {sub.maxlen} readings waiting: read faster, then reconnect",
+                ) from None
+            if sub is not self._subscription:
+                draining = sub
+            if delivery.dropped:
+                await self._send(gap_frame(delivery.dropped))
+            if delivery.readings:
+                await self._send(readings_frame(delivery.readings))
