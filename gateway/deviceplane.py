@@ -19,6 +19,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from urllib.parse import parse_qsl, urlsplit
@@ -58,6 +59,11 @@ log = logging.getLogger("gateway.deviceplane")
 # Closing codes (RFC 6455 section 7.4.1; docs/protocol.md, "Closing codes").
 GOING_AWAY = 1001
 UNSUPPORTED_DATA = 1003
+POLICY_VIOLATION = 1008
+# No pong within ping_timeout. RFC 6455 has no code for a silent peer; 1011 is what the
+# ``websockets`` library sends for its keepalive timeout, and 1001 would tell the client the
+# gateway is going away, which it is not.
+INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
@@ -90,6 +96,8 @@ class ClientStatistics:
     dropped: int
     messages_in: int
     messages_out: int
+    pings: int
+    """WebSocket pings the client answered."""
 
 
 @attrs.frozen
@@ -105,6 +113,54 @@ class DevicePlaneStatistics:
     dropped: int
     """Readings dropped for slow clients, over all connections since start."""
     clients: tuple[ClientStatistics, ...]
+
+
+class TokenBucket:
+    """A token bucket (sans-IO: the caller passes the time, in seconds, on each call).
+
+    Holds up to ``capacity`` tokens and gains ``rate`` per second; a message costs tokens (one,
+    or its size) and passes only if the bucket holds that many. Starts full."""
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self._tokens = capacity
+        self._updated = now
+
+    def tokens(self, now: float) -> float:
+        """What the bucket holds at ``now`` (refilled since the last call)."""
+        # max(): a clock that went backwards takes nothing away.
+        elapsed = max(0.0, now - self._updated)
+        self._tokens = min(self.capacity, self._tokens + elapsed * self.rate)
+        self._updated = max(self._updated, now)
+        return self._tokens
+
+    def can_take(self, amount: float, now: float) -> bool:
+        return self.tokens(now) >= amount
+
+    def take(self, amount: float, now: float) -> None:
+        """Take ``amount`` tokens; only after ``can_take`` said yes (may go below zero else)."""
+        self._tokens = self.tokens(now) - amount
+
+
+class RecentIds:
+    """The last ``size`` publish ids of one client, oldest forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, id: str) -> bool:
+        return id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, id: str) -> None:
+        self._ids[id] = None
+        self._ids.move_to_end(id)
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
 
 
 class _Closing(Exception):
@@ -145,6 +201,15 @@ class DevicePlane:
         self.messages_in = 0
         self.messages_out = 0
         self.dropped = 0
+        # Per client id, not per connection: a publish resent after a reconnect is a duplicate.
+        self._recent_ids: dict[str, RecentIds] = {}
+
+    def recent_ids(self, client_id: str) -> RecentIds:
+        """The dedupe window of ``client_id`` (created on first use)."""
+        recent = self._recent_ids.get(client_id)
+        if recent is None:
+            recent = self._recent_ids[client_id] = RecentIds(self.section.dedupe_window)
+        return recent
 
     # ---- the Part protocol ---------------------------------------------------------------------
 
@@ -317,6 +382,13 @@ class _Connection:
         self.close_reason = ""
         self.messages_in = 0
         self.messages_out = 0
+        self.pings = 0
+        self.errors = 0
+        """Error frames sent to this client (invalid, forbidden, rate-limited messages)."""
+        section = plane.section
+        now = trio.current_time()
+        self._message_bucket = TokenBucket(section.messages_per_second, section.messages_burst, now)
+        self._byte_bucket = TokenBucket(section.bytes_per_second, section.bytes_burst, now)
 
     def shut_down(self) -> None:
         """Close with 1001 (the gateway stops)."""
@@ -337,6 +409,7 @@ class _Connection:
             dropped=self.dropped(),
             messages_in=self.messages_in,
             messages_out=self.messages_out,
+            pings=self.pings,
         )
 
     async def run(self) -> None:
@@ -345,6 +418,7 @@ class _Connection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._until_done, self._read, nursery.cancel_scope)
                     nursery.start_soon(self._until_done, self._write, nursery.cancel_scope)
+                    nursery.start_soon(self._until_done, self._keepalive, nursery.cancel_scope)
         finally:
             # Shielded: on shutdown the client must still get its 1001.
             with trio.CancelScope(shield=True), trio.move_on_after(self._plane.shutdown_timeout):
@@ -376,6 +450,23 @@ class _Connection:
         self._plane.messages_out += 1
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    async def _keepalive(self) -> None:
+        """Ping every ``ping_interval``; no pong within ``ping_timeout`` ends the connection."""
+        # Unlike ``_send``, not shielded: ``ping`` sends and then waits for the pong in one
+        # call. The ping frame is a few bytes; its send only blocks on a client that reads
+        # nothing, and that connection is ended (the writer's send timeout) anyway.
+        section = self._plane.section
+        while True:
+            await trio.sleep(section.ping_interval)
+            with trio.move_on_after(section.ping_timeout) as scope:
+                await self._ws.ping()
+            if scope.cancelled_caught:
+                raise _Closing(
+                    INTERNAL_ERROR,
+                    f"no pong within {section.ping_timeout:g}s of a ping: answer pings",
+                )
+            self.pings += 1
+
     # ---- reader --------------------------------------------------------------------------------
 
     async def _read(self) -> None:
@@ -386,10 +477,39 @@ class _Connection:
             if isinstance(data, bytes):
                 raise _Closing(UNSUPPORTED_DATA, "binary frames are not supported: send JSON text")
             try:
+                self._take_tokens(data)
                 message = parse_client_message(data, now=self._plane._wall_clock())
                 await self._dispatch(message)
             except ProtocolError as e:
-                await self._send(e.frame())
+                await self._refuse(e)
+
+    def _take_tokens(self, data: str) -> None:
+        """Charge a message to the rate limits; over them it is dropped, unread."""
+        now = trio.current_time()
+        size = len(data.encode())
+        if self._message_bucket.can_take(1, now) and self._byte_bucket.can_take(size, now):
+            self._message_bucket.take(1, now)
+            self._byte_bucket.take(size, now)
+            return
+        section = self._plane.section
+        raise ProtocolError(
+            ErrorCode.RATE_LIMITED,
+            f"more than {section.messages_per_second:g} messages or {section.bytes_per_second} "
+            f"bytes per second (bursts up to {section.burst:g}s of either): this message was "
+            "dropped; send less often",
+        )
+
+    async def _refuse(self, error: ProtocolError) -> None:
+        """Send the error frame; the ``max_errors``-th one also ends the connection (1008)."""
+        await self._send(error.frame())
+        self.errors += 1
+        limit = self._plane.section.max_errors
+        if self.errors >= limit:
+            raise _Closing(
+                POLICY_VIOLATION,
+                f"{limit} invalid, forbidden or rate-limited messages: fix the client, then "
+                "reconnect",
+            )
 
     async def _dispatch(self, message: Subscribe | Unsubscribe | Publish | Ack | Ping) -> None:
         identity = self.identity
@@ -419,9 +539,13 @@ class _Connection:
                     "ask for the point to be added to the client's config",
                     message.id,
                 )
-            now = self._plane._wall_clock()
-            for item in message.readings:
-                self._plane.hub.publish(published_reading(identity.client_id, item, now))
+            recent = self._plane.recent_ids(identity.client_id)
+            # A duplicate (its ack was lost, say) is acknowledged again but not taken twice.
+            if message.id not in recent:
+                now = self._plane._wall_clock()
+                for item in message.readings:
+                    self._plane.hub.publish(published_reading(identity.client_id, item, now))
+                recent.add(message.id)
             await self._send(ack_frame(message.id))
         elif isinstance(message, Ping):
             await self._send(pong_frame(message.id))

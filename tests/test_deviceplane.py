@@ -17,11 +17,13 @@ import trio.testing
 import trustme
 import websockets.exceptions
 import websockets.sync.client
+import wsproto
+import wsproto.events
 
-from gateway.core.configtypes import Duration, Name, Secret
+from gateway.core.configtypes import Duration, Name, Secret, Size
 from gateway.core.reading import Reading
 from gateway.deviceauth import DeviceClient, DevicePlaneSection, hash_token
-from gateway.deviceplane import DevicePlane
+from gateway.deviceplane import DevicePlane, RecentIds, TokenBucket
 from gateway.hub import Hub
 
 TIMEOUT = 10.0
@@ -407,3 +409,174 @@ async def test_send_timeout_ends_a_stalled_connection(
     # Cut mid-frame: no close frame can follow a partial one, the TCP connection just ends.
     assert await stalled.close_code() == -1
     await other.ping()
+
+
+async def test_max_errors_closes_1008_and_spares_others(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, _, _ = await gateway(max_errors=3)
+    bad = await connect(plane.port)
+    other = await connect(plane.port)
+    # Invalid messages and ACL refusals both count.
+    await bad.send("not json")
+    await bad.send({"type": "frobnicate"})
+    await bad.send({"type": "publish", "id": "p-1", "readings": [{"point": "door", "value": 1}]})
+    codes = [(await bad.receive())["code"] for _ in range(3)]
+    assert codes == ["bad-json", "unknown-type", "forbidden"]
+    assert await bad.close_code() == 1008
+    # One error short of the limit: the other client stays.
+    await other.send("not json")
+    await other.send("not json")
+    assert [(await other.receive())["code"] for _ in range(2)] == ["bad-json", "bad-json"]
+    await other.ping()
+    await trio.testing.wait_all_tasks_blocked()
+    assert plane.statistics().connections == 1
+
+
+def test_token_bucket_starts_full_refills_and_caps() -> None:
+    bucket = TokenBucket(rate=2.0, capacity=3.0, now=100.0)
+    assert bucket.can_take(3, 100.0)
+    bucket.take(3, 100.0)
+    assert not bucket.can_take(1, 100.0)
+    assert not bucket.can_take(1, 100.4)  # 0.8 tokens
+    assert bucket.can_take(1, 100.5)
+    bucket.take(1, 100.5)
+    assert bucket.tokens(100.5) == 0.0
+    # Idle for long: no more than the capacity.
+    assert bucket.tokens(1000.0) == 3.0
+    assert not bucket.can_take(4, 2000.0)
+    # A clock going backwards neither adds nor removes tokens.
+    bucket.take(2, 2000.0)
+    assert bucket.tokens(1500.0) == 1.0
+    assert bucket.tokens(2000.25) == 1.5
+
+
+async def test_rate_limit_drops_messages_then_closes_1008(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    # Three messages at once, then one per 100 s: the test cannot be slow enough to refill.
+    plane, hub, _ = await gateway(messages_per_second=0.01, burst=Duration(300.0), max_errors=2)
+    sensor = await connect(plane.port, SENSOR_TOKEN)
+    other = await connect(plane.port)
+    sub = hub.subscribe("watcher", ["devices/#"])
+    for i in range(4):
+        await sensor.send({"type": "ping", "id": str(i)})
+    await sensor.send({"type": "publish", "id": "p-1", "readings": [{"point": "t", "value": 1}]})
+    frames = [await sensor.receive() for _ in range(5)]
+    assert frames[:3] == [{"type": "pong", "id": str(i)} for i in range(3)]
+    assert [f["code"] for f in frames[3:]] == ["rate-limited", "rate-limited"]
+    # Persisting over the limit ends in 1008; the dropped publish was not taken.
+    assert await sensor.close_code() == 1008
+    with pytest.raises(trio.WouldBlock):
+        sub.receive_nowait()
+    # Buckets are per connection.
+    await other.ping()
+
+
+async def test_byte_rate_limit(gateway: Callable[..., Any], connect: Callable[..., Any]) -> None:
+    # 1,200 bytes at once, then 4 per second; each ping is 154 bytes.
+    plane, _, _ = await gateway(
+        max_message_size=Size(1024), bytes_per_second=Size(4), burst=Duration(300.0)
+    )
+    hmi = await connect(plane.port)
+    ping = {"type": "ping", "id": "x" * 128}
+    assert len(json.dumps(ping)) == 154
+    for _ in range(8):
+        await hmi.send(ping)
+    frames = [await hmi.receive() for _ in range(8)]
+    assert [f["type"] for f in frames[:7]] == ["pong"] * 7
+    assert frames[7]["code"] == "rate-limited"
+
+
+def test_recent_ids_forget_the_oldest() -> None:
+    recent = RecentIds(2)
+    for id in ("a", "b", "a", "c"):  # "a" again makes it the newest
+        recent.add(id)
+    assert ("a" in recent, "b" in recent, "c" in recent, len(recent)) == (True, False, True, 2)
+
+
+async def test_resent_publish_after_reconnect_is_acked_but_taken_once(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, hub, _ = await gateway()
+    sub = hub.subscribe("watcher", ["devices/#"])
+    publish = {"type": "publish", "id": "p-1", "readings": [{"point": "t", "value": 1}]}
+    sensor = await connect(plane.port, SENSOR_TOKEN)
+    await sensor.send(publish)
+    assert await sensor.receive() == {"type": "ack", "id": "p-1"}
+    await sensor.close()
+
+    sensor = await connect(plane.port, SENSOR_TOKEN)
+    await sensor.send(publish)
+    assert await sensor.receive() == {"type": "ack", "id": "p-1"}
+    # The same id from another client is its own publish.
+    hmi = await connect(plane.port)
+    await hmi.send({**publish, "readings": [{"point": "setpoint", "value": 2}]})
+    assert await hmi.receive() == {"type": "ack", "id": "p-1"}
+
+    delivery = sub.receive_nowait()
+    assert [(r.topic, r.value) for r in delivery.readings] == [
+        ("devices/sensor-7/t", 1),
+        ("devices/hmi-1/setpoint", 2),
+    ]
+    with pytest.raises(trio.WouldBlock):
+        sub.receive_nowait()
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (server state with no event to wait on) until it holds."""
+    with trio.fail_after(TIMEOUT):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_server_pings_keep_an_answering_client(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    # A generous timeout: a loaded machine must not make this client look silent.
+    plane, _, _ = await gateway(ping_interval=Duration(0.05), ping_timeout=Duration(1.0))
+    hmi = await connect(plane.port)
+    # The websockets client answers pings in its background thread.
+    await wait_until(lambda: plane.statistics().clients[0].pings >= 4)
+    await hmi.ping()
+    assert plane.statistics().connections == 1
+
+
+async def test_client_that_does_not_answer_pings_is_closed_1011(
+    gateway: Callable[..., Any], client_ssl: ssl.SSLContext
+) -> None:
+    # wsproto, unlike the websockets client, answers a ping only when told to: this client
+    # reads every frame and never sends a pong.
+    plane, hub, _ = await gateway(ping_interval=Duration(0.05), ping_timeout=Duration(0.1))
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", plane.port, ssl_context=client_ssl)
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    request = wsproto.events.Request(
+        host="127.0.0.1",
+        target="/",
+        extra_headers=[(b"authorization", f"Bearer {HMI_TOKEN}".encode())],
+    )
+    await stream.send_all(ws.send(request))
+    events: list[wsproto.events.Event] = []
+
+    async def read_until(kind: type[wsproto.events.Event]) -> None:
+        while not any(isinstance(e, kind) for e in events):
+            data = await stream.receive_some()
+            assert data, "closed without a close frame"
+            ws.receive_data(data)
+            events.extend(ws.events())
+
+    with trio.fail_after(TIMEOUT):
+        await read_until(wsproto.events.AcceptConnection)
+        subscribe = {"type": "subscribe", "topics": ["line-1/#"]}
+        await stream.send_all(ws.send(wsproto.events.TextMessage(json.dumps(subscribe))))
+        await wait_until(lambda: bool(hub.statistics().subscribers))
+        await read_until(wsproto.events.CloseConnection)
+    await stream.aclose()
+    assert isinstance(events[0], wsproto.events.AcceptConnection)
+    assert any(isinstance(e, wsproto.events.Ping) for e in events)
+    close = events[-1]
+    assert isinstance(close, wsproto.events.CloseConnection)
+    assert close.code == 1011
+    assert "no pong" in close.reason
+    await wait_until(lambda: plane.statistics().connections == 0)
+    assert hub.statistics().subscribers == {}
