@@ -13,7 +13,6 @@ numbers, durations and sizes are bounded, nesting is limited).
 from __future__ import annotations
 
 import codecs
-import difflib
 import math
 import os
 import pwd
@@ -27,11 +26,8 @@ from typing import Any, Literal
 import attrs
 import cattrs
 from cattrs.errors import (
-    AttributeValidationNote,
     ClassValidationError,
-    ForbiddenExtraKeysError,
     IterableValidationError,
-    IterableValidationNote,
 )
 from cattrs.gen import make_dict_structure_fn
 
@@ -54,6 +50,7 @@ from gateway.core.configtypes import (
     toml_repr,
 )
 from gateway.core.topics import DEVICE_NAMESPACE
+from gateway.core.validation import UnknownKey, join, leaves
 from gateway.deviceauth import DevicePlaneSection
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
@@ -255,39 +252,24 @@ def _make_converter(config_dir: Path, kinds: Mapping[str, DriverKind]) -> cattrs
     return conv
 
 
-def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str]]:
-    """Flatten cattrs' detailed-validation exception tree into ``(path, message)`` pairs."""
-    if isinstance(exc, (ClassValidationError, IterableValidationError)):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            if isinstance(note, AttributeValidationNote):
-                sub_path = f"{path}.{note.name}" if path else note.name
-            elif isinstance(note, IterableValidationNote):
-                sub_path = f"{path}[{note.index}]"
-            else:
-                sub_path = path
-            yield from _problems(sub, sub_path)
-        for sub in without:
-            yield from _problems(sub, path)
-    elif isinstance(exc, ForbiddenExtraKeysError):
-        allowed = [a.name for a in attrs.fields(exc.cl)]
-        for key in sorted(exc.extra_fields):
-            guess = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {guess[0]!r}?" if guess else f"allowed: {', '.join(allowed)}"
-            yield (f"{path}.{key}" if path else key), f"unknown key ({hint})"
-    elif isinstance(exc, KeyError):
-        yield path, "missing: this key is required"
-    elif isinstance(exc, ConfigValueError):
-        yield (f"{path}.{exc.subpath}" if exc.subpath else path), str(exc)
-    elif isinstance(exc, TypeError) and "not iterable" in str(exc):
-        yield path, "expected a list (e.g. [[buses]] tables, or [ ... ])"
-    elif isinstance(exc, (ValueError, TypeError)):
-        yield path, str(exc)
-    elif isinstance(exc, RecursionError):
-        yield path, _TOO_DEEP
-    else:
-        # Not expected from the hooks above; still a message with the path, not a traceback.
-        yield path, f"cannot be used ({type(exc).__name__}: {exc})"
+def _problems(exc: BaseException) -> Iterator[tuple[str, str]]:
+    """cattrs' detailed-validation errors as ``(path, message)`` pairs."""
+    for path, leaf in leaves(exc):
+        if isinstance(leaf, UnknownKey):
+            yield path, str(leaf)
+        elif isinstance(leaf, KeyError):
+            yield path, "missing: this key is required"
+        elif isinstance(leaf, ConfigValueError):
+            yield join(path, leaf.subpath) if leaf.subpath else path, str(leaf)
+        elif isinstance(leaf, TypeError) and "not iterable" in str(leaf):
+            yield path, "expected a list (e.g. [[buses]] tables, or [ ... ])"
+        elif isinstance(leaf, ValueError | TypeError):
+            yield path, str(leaf)
+        elif isinstance(leaf, RecursionError):
+            yield path, _TOO_DEEP
+        else:
+            # Not expected from the hooks; still a message with the path, not a traceback.
+            yield path, f"cannot be used ({type(leaf).__name__}: {leaf})"
 
 
 _TOO_DEEP = (
@@ -363,7 +345,7 @@ def parse_config(
     try:
         config = conv.structure(data, Config)
     except (ClassValidationError, IterableValidationError) as e:
-        raise ConfigError(source, list(_problems(e, ""))) from None
+        raise ConfigError(source, list(_problems(e))) from None
     except RecursionError:
         raise ConfigError(source, [("", _TOO_DEEP)]) from None
     try:

@@ -12,7 +12,6 @@ and cattrs only. The wire format is documented in ``docs/protocol.md``; keep bot
 
 from __future__ import annotations
 
-import difflib
 import enum
 import json
 import math
@@ -25,16 +24,14 @@ import attrs
 import cattrs
 from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import (
-    AttributeValidationNote,
     ClassValidationError,
-    ForbiddenExtraKeysError,
     IterableValidationError,
-    IterableValidationNote,
 )
 from cattrs.gen import make_dict_structure_fn
 
 from gateway.core.reading import Quality, Reading, Value
 from gateway.core.topics import device_topic, name_problem, pattern_problem
+from gateway.core.validation import UnknownKey, join, leaves
 
 # ---- limits (docs/protocol.md, "Limits") ---------------------------------------------------
 
@@ -435,37 +432,18 @@ def _make_converter() -> cattrs.Converter:
 _CONVERTER = _make_converter()
 
 
-def _problems(exc: BaseException, path: str) -> Iterator[tuple[str, str, ErrorCode]]:
-    """Flatten cattrs' detailed-validation exception tree into ``(path, message, code)``."""
-
-    def join(sub: str) -> str:
-        return f"{path}.{sub}" if path else sub
-
-    if isinstance(exc, ClassValidationError | IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            if isinstance(note, AttributeValidationNote):
-                sub_path = join(note.name)
-            elif isinstance(note, IterableValidationNote):
-                sub_path = f"{path}[{note.index}]"
-            else:
-                sub_path = path
-            yield from _problems(sub, sub_path)
-        for sub in without:
-            yield from _problems(sub, path)
-    elif isinstance(exc, ForbiddenExtraKeysError):
-        allowed = [a.name for a in attrs.fields(exc.cl)]
-        for key in sorted(exc.extra_fields):
-            guess = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {guess[0]!r}?" if guess else f"allowed: {', '.join(allowed)}"
-            yield join(key), f"unknown key ({hint})", ErrorCode.BAD_MESSAGE
-    elif isinstance(exc, KeyError):
-        yield path, "missing: this key is required", ErrorCode.BAD_MESSAGE
-    elif isinstance(exc, _Problem):
-        yield (join(exc.subpath) if exc.subpath else path), str(exc), exc.code
-    else:
-        # Not expected from the hooks above; still an answer with the path, not a traceback.
-        yield path, f"cannot be used ({type(exc).__name__}: {exc})", ErrorCode.BAD_MESSAGE
+def _problems(exc: BaseException) -> Iterator[tuple[str, str, ErrorCode]]:
+    """cattrs' detailed-validation errors as ``(path, message, code)``."""
+    for path, leaf in leaves(exc):
+        if isinstance(leaf, UnknownKey):
+            yield path, str(leaf), ErrorCode.BAD_MESSAGE
+        elif isinstance(leaf, KeyError):
+            yield path, "missing: this key is required", ErrorCode.BAD_MESSAGE
+        elif isinstance(leaf, _Problem):
+            yield (join(path, leaf.subpath) if leaf.subpath else path), str(leaf), leaf.code
+        else:
+            # Not expected from the hooks; still an answer with the path, not a traceback.
+            yield path, f"cannot be used ({type(leaf).__name__}: {leaf})", ErrorCode.BAD_MESSAGE
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -532,7 +510,7 @@ def parse_client_message(data: str, *, now: float) -> ClientMessage:
     try:
         message: ClientMessage = _CONVERTER.structure(raw, cl)
     except (ClassValidationError, IterableValidationError, _Problem) as e:
-        raise _error(list(_problems(e, "")), ref) from None
+        raise _error(list(_problems(e)), ref) from None
     if isinstance(message, Publish):
         late = [
             (f"readings[{i}].ts", _future(item.ts, now), ErrorCode.BAD_MESSAGE)

@@ -1,0 +1,53 @@
+"""Walking cattrs' detailed-validation errors: one place for every boundary that structures
+untrusted data (the config file, device messages, later API bodies).
+
+``leaves`` flattens the exception tree into ``(path, error)`` pairs with paths such as
+``buses[1].devices[0].points[3].type``; an unknown key becomes its own pair with a "did you
+mean" message. Each boundary turns the leaves into its own messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+
+import attrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+
+
+class UnknownKey(Exception):
+    """A key the structure does not have; the message suggests the closest one."""
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def leaves(exc: BaseException, path: str = "") -> Iterator[tuple[str, BaseException]]:
+    """Every error below ``exc`` with the path of the value it is about."""
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            if isinstance(note, AttributeValidationNote):
+                sub_path = join(path, note.name)
+            elif isinstance(note, IterableValidationNote):
+                sub_path = f"{path}[{note.index}]"
+            else:
+                sub_path = path
+            yield from leaves(sub, sub_path)
+        for sub in without:
+            yield from leaves(sub, path)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        allowed = [a.name for a in attrs.fields(exc.cl)]
+        for key in sorted(exc.extra_fields):
+            guess = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {guess[0]!r}?" if guess else f"allowed: {', '.join(allowed)}"
+            yield join(path, key), UnknownKey(f"unknown key ({hint})")
+    else:
+        yield path, exc
