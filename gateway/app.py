@@ -5,7 +5,8 @@
     │                               until the tree below has ended, so a late signal is handled
     └── tree (root nursery)         READY=1 only after every component started
         ├── components              every long-running part, in start order (``specs``):
-        │   └── bus <name>...       stage producers: one Supervised per configured bus
+        │   ├── bus <name>...       stage producers: one Supervised per configured bus
+        │   └── devices             stage connections: the wss device plane (required)
         ├── watchdog                WATCHDOG=1 while the loop runs and no component is stuck
         ├── status                  STATUS= line every gateway.status_interval
         └── extras                  e.g. the demo's console; each gets the hub, nothing more
@@ -33,11 +34,15 @@ from drivers.base import BusConfig, BusContext
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
+from gateway import localendpoint
 from gateway.config import Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
 from gateway.core.backoff import Backoff
-from gateway.core.component import Health, StartupError, State
+from gateway.core.component import Health, StartPolicy, StartupError, State
 from gateway.core.logs import kv
+from gateway.core.topics import DEVICE_NAMESPACE
+from gateway.deviceauth import DevicePlaneSection
+from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
 from gateway.hub import Hub, HubStatistics
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised, SupervisedStatistics, describe_error
@@ -73,7 +78,11 @@ class ComponentSpec:
     kind: str
     stage: Stage
     config: object
+    """What a reload compares: when it changed, the component is stopped and built anew."""
     build: Callable[[], Supervised] = attrs.field(eq=False)
+    update: Callable[[Supervised], None] | None = attrs.field(default=None, eq=False)
+    """Applies the rest of a reloaded config to the running component in place (the
+    device plane's clients, limits and certificate): called when ``config`` is unchanged."""
 
 
 def supervisor_backoff(config: Config) -> Backoff:
@@ -81,9 +90,12 @@ def supervisor_backoff(config: Config) -> Backoff:
 
 
 def specs(config: Config, hub: Hub) -> list[ComponentSpec]:
-    """Every component of ``config`` in start order. The outbox, forwarder, device plane and
-    API join this list as they land."""
-    return [bus_spec(bus, config, hub) for bus in config.buses]
+    """Every component of ``config`` in start order. The outbox, forwarder and API join this
+    list as they land."""
+    wanted = [bus_spec(bus, config, hub) for bus in config.buses]
+    if config.device_plane is not None:
+        wanted.append(device_plane_spec(config.device_plane, config, hub))
+    return wanted
 
 
 def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:
@@ -100,6 +112,44 @@ def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:
         )
 
     return ComponentSpec(bus.name, "bus", Stage.PRODUCERS, bus, build)
+
+
+def device_plane_spec(section: DevicePlaneSection, config: Config, hub: Hub) -> ComponentSpec:
+    """The wss server: required (a port in use ends the process with 69, for systemd to
+    retry), reconfigured in place on reload unless its listener changed."""
+
+    def make(progress: Callable[[], None]) -> DevicePlane:
+        directory = localendpoint.directory() if section.local_access else None
+        return DevicePlane(
+            section,
+            hub,
+            shutdown_timeout=config.gateway.shutdown_timeout / 2,
+            local_endpoint_dir=directory,
+        )
+
+    def build() -> Supervised:
+        return Supervised(
+            DEVICE_NAMESPACE,
+            make,
+            supervisor_backoff(config),
+            kind="device plane",
+            policy=StartPolicy.REQUIRED,
+            healthy_after=config.supervisor.healthy_after,
+        )
+
+    def update(component: Supervised) -> None:
+        component.make = make  # a restart after a failure builds from the new section
+        if isinstance(component.part, DevicePlane):
+            component.part.reconfigure(section)
+
+    return ComponentSpec(
+        DEVICE_NAMESPACE,
+        "device plane",
+        Stage.CONNECTIONS,
+        section.restart_key(),
+        build,
+        update,
+    )
 
 
 @attrs.define
@@ -180,8 +230,12 @@ class Components:
             log.info("stopping %s for reload", name, extra=kv(component=name))
             await self.stop(name)
         for spec in wanted:
-            if spec.name not in self._running:
+            running = self._running.get(spec.name)
+            if running is None:
                 await self.start(spec)
+            elif spec.update is not None:
+                spec.update(running.component)
+                running.spec = spec
         removed = before - set(by_name)
         return len(changed) - len(removed), len(removed), len(set(by_name) - before)
 
@@ -429,6 +483,13 @@ class Gateway:
             groups.setdefault(component.kind, []).append((component.name, component.health()))
         text = ", ".join(status_of(kind, members) for kind, members in groups.items())
         text = text or "no components"
+        clients = [
+            stats.part.connections
+            for stats in (c.statistics() for c in self.components.all())
+            if isinstance(stats.part, DevicePlaneStatistics)
+        ]
+        if clients:
+            text += f", {sum(clients)} wss client{'' if sum(clients) == 1 else 's'}"
         if rate is not None:
             text += f", {rate:.0f} readings/s"
         return text

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from gateway import __version__, deviceauth, entry
+from gateway import __version__, deviceauth, entry, tail
 from gateway.app import Extra, Gateway, prepare_state_dir, request_plan
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
 from gateway.core import logs
@@ -41,12 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         description=(
             "Reads plant sensors (Modbus RTU, Modbus TCP, serial-line sensors such as\n"
-            "NMEA 0183) into an in-memory hub. Each sensor bus runs under its own supervisor,\n"
-            "which restarts it with backoff when it fails; the process runs under systemd\n"
-            "(readiness, status line, watchdog, reload on SIGHUP).\n"
+            "NMEA 0183) into an in-memory hub and serves them live to devices and HMIs over\n"
+            "secure WebSocket (wss), where devices also publish readings of their own. Each\n"
+            "part runs under its own supervisor, which restarts it with backoff when it\n"
+            "fails; the process runs under systemd (readiness, status line, watchdog, reload\n"
+            "on SIGHUP).\n"
             "\n"
-            "Coming, not there yet: the wss device plane and forwarding every reading to\n"
-            "SAP Cloud Integration (CPI)."
+            "Coming, not there yet: forwarding every reading to SAP Cloud Integration (CPI)."
         ),
         epilog="'edge-gateway COMMAND --help' says what a command does and its exit statuses.",
     )
@@ -58,11 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the gateway (what the systemd unit starts)",
         formatter_class=raw,
         description=(
-            "Run the gateway until it is stopped: start every bus in the config and publish\n"
-            "its readings to the hub. Under systemd it reports readiness, a status line and\n"
-            "watchdog pings. SIGHUP reloads the config (an invalid one is rejected and the\n"
-            "running one stays); SIGTERM or Ctrl-C stops it within [gateway]\n"
-            "shutdown_timeout. This is what the systemd unit starts.\n"
+            "Run the gateway until it is stopped: start every bus in the config, publish\n"
+            "its readings to the hub and, with [device_plane], serve them over wss. Under\n"
+            "systemd it reports readiness, a status line and watchdog pings. SIGHUP reloads\n"
+            "the config (an invalid one is rejected and the running one stays; device\n"
+            "clients stay connected unless the reload removed them); SIGTERM or Ctrl-C stops\n"
+            "it within [gateway] shutdown_timeout. This is what the systemd unit starts.\n"
             "\n"
             "exit status:\n"
             "  0    stopped cleanly (SIGTERM, or Ctrl-C once started)\n"
@@ -110,7 +112,10 @@ def _parser() -> argparse.ArgumentParser:
             "Run the gateway on embedded defaults, without a config file or hardware:\n"
             "simulated sensors (bus line-1) and a Modbus TCP energy meter simulated on\n"
             "localhost (bus plc). The latest value of every point is printed every few\n"
-            "seconds; state goes to a temporary directory. Ctrl-C stops it.\n"
+            "seconds; state goes to a temporary directory. The device plane serves wss on\n"
+            "127.0.0.1:8443 (or a free port) with a self-signed certificate kept in\n"
+            "~/.local/share/edge-gateway; 'edge-gateway tail' in another terminal shows the\n"
+            "readings. Ctrl-C stops it.\n"
             "\n"
             "exit status:\n"
             "  0    stopped cleanly (Ctrl-C or SIGTERM once started)\n"
@@ -144,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     hash_token.add_argument("token", nargs="?", metavar="TOKEN", help="the token to hash")
     hash_token.add_argument("--new", action="store_true", help="make a new token and hash it")
+    tail.add_parser(sub)
     return parser
 
 
@@ -157,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args.config)
         if args.command == "hash-token":
             return deviceauth.hash_token_command(args.token, new=args.new)
+        if args.command == "tail":
+            return tail.main(args)
         return demo()
     except KeyboardInterrupt:
         entry.ignore_signals()
@@ -193,10 +201,17 @@ def run(path: Path) -> int:
 
 def demo() -> int:
     from gateway import demo as demo_mod
+    from gateway.selfsigned import demo_certificate
     from gateway.simulator import EnergyMeterSimulator
 
     # The simulator stops after the gateway (which closes its connection first) has stopped.
     with demo_mod.state_tempdir() as state_dir, EnergyMeterSimulator() as meter:
+        try:
+            cert, key, made = demo_certificate(demo_mod.certificate_dir())
+        except OSError as e:  # a read-only home: a certificate for this run only
+            log.warning("demo: cannot keep a certificate in %s (%s)", demo_mod.certificate_dir(), e)
+            cert, key, made = demo_certificate(Path(state_dir))
+        plane = demo_mod.DemoPlane(demo_mod.wss_port(), cert, key, deviceauth.generate_token())
         log.info(
             "demo: simulated sensors (bus line-1) and a Modbus TCP energy meter on %s:%d "
             "(bus plc), state in %s; press Ctrl-C to stop",
@@ -204,9 +219,19 @@ def demo() -> int:
             meter.port,
             state_dir,
         )
+        log.info(
+            "demo: devices connect to wss://127.0.0.1:%d with token %s (made for this run); "
+            "the certificate is self-signed (%s %s): trust that file, e.g. 'edge-gateway tail "
+            "--ca %s'; on this machine just run 'edge-gateway tail'",
+            plane.port,
+            plane.token,
+            "made now in" if made else "kept in",
+            cert,
+            cert,
+        )
         return _serve(
             lambda: prepare_state_dir(
-                demo_mod.demo_config(state_dir, plc_port=meter.port), "demo config"
+                demo_mod.demo_config(state_dir, plc_port=meter.port, plane=plane), "demo config"
             ),
             [demo_mod.console],
         )

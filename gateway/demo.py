@@ -3,21 +3,27 @@
 Two buses: ``line-1`` (the sim driver) and ``plc``, the Modbus TCP driver polling the energy
 meter of ``gateway.simulator`` (pymodbus's server, started by ``edge-gateway demo`` on a free
 port of 127.0.0.1). State goes to a temporary directory; a console component logs the latest
-values every few seconds so a person can see data flowing. Later components (wss, outbox, CPI
-stand-in, status page) add themselves here.
+values every few seconds so a person can see data flowing. The device plane serves wss on
+127.0.0.1 (port 8443, or a free one when that is taken) with a self-signed certificate kept in
+``certificate_dir()``, so that ``edge-gateway tail`` shows the readings. Later components
+(outbox, CPI stand-in, status page) add themselves here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import tempfile
+from pathlib import Path
 
 import attrs
 import trio
 
 from gateway.config import Config, parse_config
 from gateway.core.reading import Value
+from gateway.deviceauth import hash_token
 from gateway.hub import Hub, OverflowPolicy
 
 log = logging.getLogger("gateway.demo")
@@ -77,16 +83,74 @@ PLC_BUS = "plc"
 PLC_SECTION = "# The energy meter of gateway.simulator"
 
 
-def demo_config(state_dir: str, *, plc_port: int | None = None) -> Config:
+DEVICE_PLANE = """
+[device_plane]
+listen = "127.0.0.1"
+port = {port}
+tls_cert_file = '{cert}'
+tls_key_file = '{key}'
+
+# A device or HMI of the demo: any topic, and readings of its own points.
+[[device_plane.clients]]
+id = "demo-device"
+token_sha256 = "{token_sha256}"
+subscribe = ["#"]
+publish = ["+"]
+"""
+WSS_PORT = 8443
+
+
+@attrs.frozen
+class DemoPlane:
+    """What the demo's device plane needs: where, with which certificate, and the token of
+    its one client (made at each start; the demo prints it)."""
+
+    port: int
+    cert: Path
+    key: Path
+    token: str
+
+
+def demo_config(
+    state_dir: str, *, plc_port: int | None = None, plane: DemoPlane | None = None
+) -> Config:
     """The demo config with its state in ``state_dir``; the ``plc`` bus polls the simulated
-    meter on ``127.0.0.1:plc_port``, and is left out without a port."""
+    meter on ``127.0.0.1:plc_port``, and is left out without a port; the device plane is
+    there with ``plane``."""
     text = DEMO_CONFIG
     if plc_port is None:
         text = text[: text.index(PLC_SECTION)]
     else:
         text = text.replace("port = 502", f"port = {plc_port}")
+    if plane is not None:
+        text += DEVICE_PLANE.format(
+            port=plane.port,
+            cert=plane.cert,
+            key=plane.key,
+            token_sha256=hash_token(plane.token),
+        )
     config = parse_config(text, "demo config")
     return attrs.evolve(config, gateway=attrs.evolve(config.gateway, state_dir=state_dir))
+
+
+def certificate_dir() -> Path:
+    """Where the demo keeps its self-signed certificate, across runs (so that trusting it
+    once lasts): ``$XDG_DATA_HOME/edge-gateway`` or ``~/.local/share/edge-gateway``."""
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "edge-gateway"
+
+
+def wss_port() -> int:
+    """8443 when nothing listens there, else a free port (the demo must start anyway)."""
+    for port in (WSS_PORT, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            bound: int = probe.getsockname()[1]
+            return bound
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def show(value: Value) -> str:

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import re
 import secrets
+import ssl
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal, TextIO
@@ -46,6 +47,9 @@ MIN_TOKEN_LENGTH = 20
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 """The largest ``max_message_size`` accepted: memory per connection stays bounded."""
+
+LOCAL_CLIENT = "local"
+"""The client id of a connection with the local token (``local_access``): reserved."""
 
 Overflow = Literal["drop-oldest", "disconnect"]
 Via = Literal["header", "subprotocol", "query"]
@@ -134,7 +138,24 @@ class DevicePlaneSection:
     max_errors: int = 10
     dedupe_window: int = 1000
     origins: tuple[str, ...] = ()
+    local_access: bool = True
+    """Write a fresh loopback-only token to the runtime directory at each start, so that
+    ``edge-gateway tail`` on this machine needs no arguments."""
     clients: tuple[DeviceClient, ...] = ()
+
+    def restart_key(self) -> tuple[object, ...]:
+        """What a reload can apply only by restarting the server (dropping its connections).
+        Everything else (clients, origins, limits, the certificate and key) applies live."""
+        ca = self.client_ca_file.reveal() if self.client_ca_file else None
+        return (
+            self.listen,
+            self.port,
+            self.plain,
+            ca,
+            self.handshake_timeout,
+            self.max_message_size,
+            self.local_access,
+        )
 
     @property
     def messages_burst(self) -> float:
@@ -149,6 +170,7 @@ class DevicePlaneSection:
     def check(self) -> Iterator[tuple[str, str]]:
         """``(path, message)`` below ``device_plane`` for every problem."""
         yield from self._check_listen()
+        yield from self._check_tls()
         if not 1 <= self.port <= 65535:
             yield "port", f"{self.port} is not a TCP port: give 1 .. 65535"
         for key in ("handshake_timeout", "ping_interval", "ping_timeout", "send_timeout", "burst"):
@@ -222,12 +244,65 @@ class DevicePlaneSection:
                         'this machine only, plain = true with listen = "127.0.0.1")',
                     )
 
+    def _check_tls(self) -> Iterator[tuple[str, str]]:
+        if self.plain or self.tls_cert_file is None or self.tls_key_file is None:
+            return
+        if "-----BEGIN CERTIFICATE-----" not in self.tls_cert_file.reveal():
+            yield (
+                "tls_cert_file",
+                "holds no PEM certificate (-----BEGIN CERTIFICATE-----): give the server "
+                "certificate in PEM form, followed by its chain",
+            )
+            return
+        if "PRIVATE KEY-----" not in self.tls_key_file.reveal():
+            yield (
+                "tls_key_file",
+                "holds no PEM private key (-----BEGIN PRIVATE KEY-----): give the private "
+                "key of tls_cert_file in PEM form",
+            )
+            return
+        try:
+            server_ssl_context(self)
+        except EncryptedKey:
+            yield (
+                "tls_key_file",
+                "is encrypted (has a passphrase): the gateway starts unattended; store the key "
+                "without one (openssl pkey -in key.pem -out plain.pem) with mode 0600",
+            )
+        except ClientCaError as e:
+            yield (
+                "client_ca_file",
+                f"is not a PEM CA certificate ({e}): give the CA that signs the devices' "
+                "client certificates",
+            )
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                yield (
+                    "tls_key_file",
+                    "is not the private key of tls_cert_file: give the key the certificate "
+                    "was issued for",
+                )
+            else:
+                yield (
+                    "tls_cert_file",
+                    f"cannot be loaded with tls_key_file ({e.reason or e}): give the server "
+                    "certificate (PEM, with its chain) and its own private key (PEM)",
+                )
+        except OSError as e:
+            yield "tls_cert_file", f"cannot be read: {e.strerror or e}"
+
     def _check_clients(self) -> Iterator[tuple[str, str]]:
         ids: dict[str, int] = {}
         hashes: dict[str, int] = {}
         for i, client in enumerate(self.clients):
             for path, message in client.check():
                 yield f"clients[{i}].{path}", message
+            if client.id == LOCAL_CLIENT:
+                yield (
+                    f"clients[{i}].id",
+                    f"{LOCAL_CLIENT!r} is reserved for 'edge-gateway tail' on this machine "
+                    "(local_access): choose another id",
+                )
             if client.id in ids:
                 yield (
                     f"clients[{i}].id",
@@ -254,9 +329,52 @@ class DevicePlaneSection:
         return (
             f"device plane: {scheme}://{_host_port(self.listen, self.port)}{mtls}, "
             f"{n} client{'' if n == 1 else 's'}, at most {self.max_connections} connections, "
-            f"ping every {format_duration(self.ping_interval)} "
-            "(checked only: the server is not in this version yet)"
+            f"ping every {format_duration(self.ping_interval)}"
         )
+
+
+class EncryptedKey(ValueError):
+    """The TLS key file asks for a passphrase."""
+
+
+class ClientCaError(ValueError):
+    """``client_ca_file`` holds no usable CA certificate."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the terminal, and a service has none.
+    raise EncryptedKey("the key has a passphrase")
+
+
+def server_ssl_context(section: DevicePlaneSection) -> ssl.SSLContext | None:
+    """The TLS context of the server (TLS 1.2 or newer), or None for plain ``ws://``. With
+    ``client_ca_file``, every client must present a certificate that CA signed (mTLS).
+
+    Reads the certificate and key from their files, so a new context picks up a rotated
+    certificate. Raises ``ssl.SSLError`` / ``OSError``, ``EncryptedKey``, ``ClientCaError``."""
+    if section.plain:
+        return None
+    if section.tls_cert_file is None or section.tls_key_file is None:
+        raise ValueError("device_plane: wss needs tls_cert_file and tls_key_file (or plain)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_certificate(context, section)
+    if section.client_ca_file is not None:
+        try:
+            context.load_verify_locations(cadata=section.client_ca_file.reveal())
+        except (ssl.SSLError, ValueError) as e:
+            raise ClientCaError(getattr(e, "reason", None) or str(e)) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def load_certificate(context: ssl.SSLContext, section: DevicePlaneSection) -> None:
+    """Load the section's certificate and key into ``context`` (again, on a reload)."""
+    assert section.tls_cert_file is not None
+    assert section.tls_key_file is not None
+    context.load_cert_chain(
+        section.tls_cert_file.source, section.tls_key_file.source, password=_no_passphrase
+    )
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -467,24 +585,38 @@ class Authenticator:
     Built once per config (and again on reload); ``refresh`` tells whether an identity from
     the previous config still holds."""
 
-    def __init__(self, clients: Sequence[DeviceClient], origins: Sequence[str]) -> None:
+    def __init__(
+        self,
+        clients: Sequence[DeviceClient],
+        origins: Sequence[str],
+        *,
+        local_token_sha256: str | None = None,
+    ) -> None:
         self._clients = tuple(clients)
         self._digests = tuple(bytes.fromhex(c.token_sha256) for c in self._clients)
         self._origins = frozenset(normalize_origin(o) for o in origins)
+        self.local_token_sha256 = local_token_sha256
+        """The hash of the local token (``local_access``): client ``local``, subscribe
+        ``#``, publish nothing, accepted only from this machine."""
 
     @classmethod
-    def from_section(cls, section: DevicePlaneSection) -> Authenticator:
-        return cls(section.clients, section.origins)
+    def from_section(
+        cls, section: DevicePlaneSection, *, local_token_sha256: str | None = None
+    ) -> Authenticator:
+        return cls(section.clients, section.origins, local_token_sha256=local_token_sha256)
 
     def authenticate(
         self,
         headers: Mapping[str, str],
         query: Mapping[str, str],
         subprotocols: Sequence[str],
+        *,
+        local_peer: bool = False,
     ) -> Identity | Refusal:
         """The handshake's answer. ``headers`` with lower-case names. The Origin is checked
         first; then the token is taken from the first of: ``Authorization: Bearer``, a
-        ``bearer.<token>`` subprotocol offer, the ``token`` query parameter."""
+        ``bearer.<token>`` subprotocol offer, the ``token`` query parameter. ``local_peer``:
+        the connection comes from this machine (only then is the local token accepted)."""
         origin = headers.get("origin")
         if origin is not None and normalize_origin(origin) not in self._origins:
             # Header-less (non-browser) clients pass; a browser page only from a listed origin.
@@ -503,7 +635,20 @@ class Authenticator:
         problem = token_problem(token)
         if problem:
             return Refusal(401, f"unusable token ({via}): {problem}")
-        client = self._lookup(hashlib.sha256(token.encode()).digest())
+        digest = hashlib.sha256(token.encode()).digest()
+        client = self._lookup(digest)
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+        if client is None and self._is_local(digest):
+            if not local_peer:
+                return Refusal(401, f"the local token ({via}) is accepted only from this machine")
+            return Identity(
+                client_id=LOCAL_CLIENT,
+                subscribe=("#",),
+                publish=(),
+                via=via,
+                subprotocol=subprotocol,
+                token_sha256=digest.hex(),
+            )
         if client is None:
             return Refusal(401, f"unknown token ({via})")
         return Identity(
@@ -511,9 +656,13 @@ class Authenticator:
             subscribe=client.subscribe,
             publish=client.publish,
             via=via,
-            subprotocol=SUBPROTOCOL if SUBPROTOCOL in subprotocols else None,
+            subprotocol=subprotocol,
             token_sha256=client.token_sha256.lower(),
         )
+
+    def _is_local(self, digest: bytes) -> bool:
+        local = self.local_token_sha256
+        return local is not None and hmac.compare_digest(digest, bytes.fromhex(local))
 
     def _lookup(self, digest: bytes) -> DeviceClient | None:
         # Every stored hash is compared, with no early exit, so the time taken does not say
@@ -527,6 +676,8 @@ class Authenticator:
     def refresh(self, identity: Identity) -> Identity | None:
         """``identity`` with its client's current ACL, or None when the client was removed
         or its token changed (the server closes that connection with 1008)."""
+        if identity.client_id == LOCAL_CLIENT:
+            return identity if self._is_local(bytes.fromhex(identity.token_sha256)) else None
         for client in self._clients:
             if client.id == identity.client_id:
                 if not hmac.compare_digest(

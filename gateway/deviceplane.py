@@ -16,12 +16,15 @@ Depends on trio, trio-websocket, ``gateway.core``, ``gateway.deviceauth``, ``gat
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import os
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
@@ -34,9 +37,20 @@ from trio_websocket import (
     serve_websocket,
 )
 
+from gateway import localendpoint
 from gateway.core.component import Condition, State
 from gateway.core.logs import kv
-from gateway.deviceauth import Authenticator, DevicePlaneSection, Identity, Refusal
+from gateway.core.reading import Reading
+from gateway.deviceauth import (
+    Authenticator,
+    DevicePlaneSection,
+    Identity,
+    Refusal,
+    generate_token,
+    hash_token,
+    load_certificate,
+    server_ssl_context,
+)
 from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription
 from gateway.protocol import (
     Ack,
@@ -69,19 +83,13 @@ TRY_AGAIN_LATER = 1013
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 """Seconds for closing every connection (1001) when the server stops."""
 
+ANSWERS_QUEUED = 16
+"""Answers (ack, pong, error) a connection's reader may be ahead of its sender: beyond, the
+reader waits, so a client that does not read its answers cannot pile them up."""
 
-def server_ssl_context(section: DevicePlaneSection) -> ssl.SSLContext | None:
-    """The TLS context of the server (TLS 1.2 or newer), or None for plain ``ws://``.
-
-    Loaded from the files the config names, so a new context picks up a rotated certificate."""
-    if section.plain:
-        return None
-    if section.tls_cert_file is None or section.tls_key_file is None:
-        raise ValueError("device_plane: wss needs tls_cert_file and tls_key_file (or plain)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(section.tls_cert_file.source, section.tls_key_file.source)
-    return context
+MESSAGES_QUEUED = 4
+"""Incoming messages trio-websocket may buffer per connection (each up to
+``max_message_size``), so that its reader keeps the socket drained while ours is busy."""
 
 
 @attrs.frozen
@@ -96,6 +104,8 @@ class ClientStatistics:
     dropped: int
     messages_in: int
     messages_out: int
+    bytes_in: int
+    bytes_out: int
     pings: int
     """WebSocket pings the client answered."""
 
@@ -110,8 +120,13 @@ class DevicePlaneStatistics:
     messages_in: int
     """Frames received, over all connections since start."""
     messages_out: int
+    bytes_in: int
+    """Payload bytes of the frames received, over all connections since start."""
+    bytes_out: int
     dropped: int
     """Readings dropped for slow clients, over all connections since start."""
+    revoked: int
+    """Connections closed (1008) because a reload removed their client or changed its token."""
     clients: tuple[ClientStatistics, ...]
 
 
@@ -185,11 +200,20 @@ class DevicePlane:
         ] = server_ssl_context,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         wall_clock: Callable[[], float] = time.time,
+        local_endpoint_dir: Path | None = None,
     ) -> None:
         self.section = section
         self.hub = hub
         self._ssl_context_factory = ssl_context_factory
-        self._authenticator = Authenticator.from_section(section)
+        self._ssl_context: ssl.SSLContext | None = None
+        self.local_token = generate_token() if section.local_access else None
+        """Accepted from this machine only (``tail``); fresh at each start."""
+        self._local_token_sha256 = hash_token(self.local_token) if self.local_token else None
+        self._authenticator = Authenticator.from_section(
+            section, local_token_sha256=self._local_token_sha256
+        )
+        self._local_endpoint_dir = local_endpoint_dir
+        self.local_endpoint_file: Path | None = None
         self.shutdown_timeout = shutdown_timeout
         self._wall_clock = wall_clock
         self.port: int | None = None
@@ -197,10 +221,14 @@ class DevicePlane:
         self._stopping = False
         self._connections: set[_Connection] = set()
         self._handshakes = 0  # accepted or being accepted: counts towards max_connections
+        self._closed = trio.Event()  # set whenever an accepted connection has ended
         self.refused = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.dropped = 0
+        self.revoked = 0
         # Per client id, not per connection: a publish resent after a reconnect is a duplicate.
         self._recent_ids: dict[str, RecentIds] = {}
 
@@ -228,13 +256,61 @@ class DevicePlane:
             refused=self.refused,
             messages_in=self.messages_in,
             messages_out=self.messages_out,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
             dropped=self.dropped + sum(c.dropped() for c in self._connections),
+            revoked=self.revoked,
             clients=tuple(c.statistics() for c in self._connections),
         )
 
+    def reconfigure(self, section: DevicePlaneSection) -> None:
+        """Apply a reloaded section whose ``restart_key`` is unchanged, without dropping
+        connections: clients, origins and limits take effect at once; a client that was
+        removed (or whose token changed) is closed with 1008, as is one whose open
+        subscriptions its new ACL no longer allows; the certificate and key are read again."""
+        if self._ssl_context is not None:
+            self._reload_certificate(section)
+        self.section = section
+        self._authenticator = Authenticator.from_section(
+            section, local_token_sha256=self._local_token_sha256
+        )
+        for connection in list(self._connections):
+            identity = self._authenticator.refresh(connection.identity)
+            if identity is None:
+                connection.revoke(
+                    f"client {connection.identity.client_id!r} was removed or its token "
+                    "changed by a reload"
+                )
+            elif not all(identity.may_subscribe(p) for p in connection.patterns):
+                connection.revoke(
+                    f"client {identity.client_id!r} may no longer subscribe to all of "
+                    f"{', '.join(connection.patterns)} after a reload: reconnect and subscribe "
+                    "within its new patterns"
+                )
+            else:
+                connection.reconfigure(identity, section)
+        for recent in self._recent_ids.values():
+            recent.size = section.dedupe_window
+
+    def _reload_certificate(self, section: DevicePlaneSection) -> None:
+        assert self._ssl_context is not None
+        try:
+            # A scratch context first: a pair that fails halfway would otherwise leave the
+            # live one with the new certificate and no matching key.
+            server_ssl_context(section)
+            load_certificate(self._ssl_context, section)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            log.error(
+                "device plane: cannot load the certificate and key again (%s); new "
+                "connections keep getting the previous certificate",
+                getattr(e, "reason", None) or e,
+            )
+            return
+        log.info("device plane: certificate and key read again for new connections")
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then close every connection with 1001 and return."""
-        ssl_context = self._ssl_context_factory(self.section)
+        ssl_context = self._ssl_context = self._ssl_context_factory(self.section)
         stop = trio.Event()
         async with trio.open_nursery() as outer:
             outer.start_soon(_set_when_cancelled, stop)
@@ -244,15 +320,57 @@ class DevicePlane:
                 async with trio.open_nursery() as handlers:
                     listener = trio.CancelScope()
                     await handlers.start(self._listen, listener, ssl_context, handlers)
+                    self._publish_local_endpoint(ssl_context)
                     task_status.started()
                     await stop.wait()
                     self._listening = False
+                    self._withdraw_local_endpoint()
                     self._stopping = True
                     listener.cancel()
                     for connection in list(self._connections):
                         connection.shut_down()
-                    # Stragglers (a handshake in progress, a close that hangs) are cancelled.
-                    handlers.cancel_scope.deadline = trio.current_time() + self.shutdown_timeout
+                    # Once every accepted connection got its 1001 (or the time is up), what
+                    # is left is cancelled: handshakes in progress, and connections closed
+                    # before their HTTP request, which trio-websocket would otherwise keep
+                    # until handshake_timeout.
+                    with trio.move_on_after(self.shutdown_timeout):
+                        while self._handshakes:
+                            await self._closed.wait()
+                            self._closed = trio.Event()
+                    handlers.cancel_scope.cancel()
+
+    def _publish_local_endpoint(self, ssl_context: ssl.SSLContext | None) -> None:
+        """Tell ``edge-gateway tail`` on this machine where to connect, with the local token."""
+        if self._local_endpoint_dir is None or self.local_token is None:
+            return
+        section = self.section
+        host = section.listen
+        address = _ip(host)
+        if address is not None and address.is_unspecified:
+            host = "::1" if address.version == 6 else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        cert = section.tls_cert_file
+        endpoint = localendpoint.LocalEndpoint(
+            url=f"{'ws' if ssl_context is None else 'wss'}://{host}:{self.port}",
+            token=self.local_token,
+            cert_file=str(cert.source) if cert is not None and ssl_context else None,
+            pid=os.getpid(),
+        )
+        try:
+            self.local_endpoint_file = localendpoint.write(endpoint, self._local_endpoint_dir)
+        except (OSError, ValueError) as e:
+            log.warning(
+                "device plane: cannot write the local endpoint file (%s): 'edge-gateway tail' "
+                "needs --url and a token on this machine",
+                e,
+            )
+
+    def _withdraw_local_endpoint(self) -> None:
+        if self.local_endpoint_file is not None:
+            with contextlib.suppress(OSError):
+                localendpoint.remove(self.local_endpoint_file, os.getpid())
+            self.local_endpoint_file = None
 
     async def _listen(
         self,
@@ -274,6 +392,7 @@ class DevicePlane:
                         ssl_context,
                         handler_nursery=handlers,
                         max_message_size=section.max_message_size,
+                        message_queue_size=MESSAGES_QUEUED,
                         connect_timeout=section.handshake_timeout,
                         disconnect_timeout=self.shutdown_timeout,
                     )
@@ -308,7 +427,12 @@ class DevicePlane:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         query = dict(parse_qsl(urlsplit(request.path).query))
-        answer = self._authenticator.authenticate(headers, query, request.proposed_subprotocols)
+        answer = self._authenticator.authenticate(
+            headers,
+            query,
+            request.proposed_subprotocols,
+            local_peer=_same_machine(request.local, request.remote),
+        )
         if isinstance(answer, Refusal):
             self.refused += 1
             # ``reason`` never contains the token (deviceauth's promise).
@@ -327,6 +451,7 @@ class DevicePlane:
             await self._serve(ws, answer, peer)
         finally:
             self._handshakes -= 1
+            self._closed.set()
 
     async def _serve(self, ws: WebSocketConnection, identity: Identity, peer: str) -> None:
         connection = _Connection(self, ws, identity, peer)
@@ -356,6 +481,22 @@ def _address(endpoint: Endpoint | str) -> str:
     return endpoint
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _same_machine(local: Endpoint | str, remote: Endpoint | str) -> bool:
+    """Whether the peer is on this machine: a loopback address, or the very address it
+    connected to (a client on the box that used the box's LAN address)."""
+    if not isinstance(local, Endpoint) or not isinstance(remote, Endpoint):
+        return False
+    peer = _ip(str(remote.address))
+    return peer is not None and (peer.is_loopback or peer == _ip(str(local.address)))
+
+
 async def _set_when_cancelled(event: trio.Event) -> None:
     try:
         await trio.sleep_forever()
@@ -375,13 +516,20 @@ class _Connection:
         self.peer = peer
         self.patterns: tuple[str, ...] = ()
         self._subscription: Subscription | None = None
+        self._snapshot: list[Reading] = []
+        """Latest readings a ``subscribe`` with ``last`` asked for, sent before new ones."""
         self._changed = trio.Event()
+        # The reader's answers go through a task of their own, in order: the reader goes on
+        # reading while they are sent.
+        self._answers, self._answers_out = trio.open_memory_channel[str | _Closing](ANSWERS_QUEUED)
         self._scope = trio.CancelScope()
         self._dropped_before = 0  # by subscriptions replaced since
         self.close_code = 1000
         self.close_reason = ""
         self.messages_in = 0
         self.messages_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.pings = 0
         self.errors = 0
         """Error frames sent to this client (invalid, forbidden, rate-limited messages)."""
@@ -394,6 +542,22 @@ class _Connection:
         """Close with 1001 (the gateway stops)."""
         self.close_code, self.close_reason = GOING_AWAY, "the gateway is shutting down"
         self._scope.cancel()
+
+    def revoke(self, reason: str) -> None:
+        """Close with 1008 (a reload took away what this connection was allowed)."""
+        log.warning("device %s: closing: %s", self.identity.client_id, reason)
+        self._plane.revoked += 1
+        self.close_code, self.close_reason = POLICY_VIOLATION, reason
+        self._scope.cancel()
+
+    def reconfigure(self, identity: Identity, section: DevicePlaneSection) -> None:
+        """A reload changed the client's ACL or the limits: apply them from now on."""
+        self.identity = identity
+        for bucket, rate, capacity in (
+            (self._message_bucket, section.messages_per_second, section.messages_burst),
+            (self._byte_bucket, section.bytes_per_second, section.bytes_burst),
+        ):
+            bucket.rate, bucket.capacity = rate, capacity
 
     def dropped(self) -> int:
         current = self._subscription.dropped if self._subscription is not None else 0
@@ -409,6 +573,8 @@ class _Connection:
             dropped=self.dropped(),
             messages_in=self.messages_in,
             messages_out=self.messages_out,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
             pings=self.pings,
         )
 
@@ -417,6 +583,7 @@ class _Connection:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._until_done, self._read, nursery.cancel_scope)
+                    nursery.start_soon(self._until_done, self._answer, nursery.cancel_scope)
                     nursery.start_soon(self._until_done, self._write, nursery.cancel_scope)
                     nursery.start_soon(self._until_done, self._keepalive, nursery.cancel_scope)
         finally:
@@ -448,6 +615,9 @@ class _Connection:
             raise _Closing(TRY_AGAIN_LATER, f"a send took longer than {timeout:g}s: read faster")
         self.messages_out += 1
         self._plane.messages_out += 1
+        # Frames are ASCII (JSON with ensure_ascii), so characters are bytes.
+        self.bytes_out += len(frame)
+        self._plane.bytes_out += len(frame)
         await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _keepalive(self) -> None:
@@ -472,21 +642,23 @@ class _Connection:
     async def _read(self) -> None:
         while True:
             data = await self._ws.get_message()
+            size = len(data) if isinstance(data, bytes) else len(data.encode())
             self.messages_in += 1
             self._plane.messages_in += 1
+            self.bytes_in += size
+            self._plane.bytes_in += size
             if isinstance(data, bytes):
                 raise _Closing(UNSUPPORTED_DATA, "binary frames are not supported: send JSON text")
             try:
-                self._take_tokens(data)
+                self._take_tokens(size)
                 message = parse_client_message(data, now=self._plane._wall_clock())
                 await self._dispatch(message)
             except ProtocolError as e:
                 await self._refuse(e)
 
-    def _take_tokens(self, data: str) -> None:
+    def _take_tokens(self, size: int) -> None:
         """Charge a message to the rate limits; over them it is dropped, unread."""
         now = trio.current_time()
-        size = len(data.encode())
         if self._message_bucket.can_take(1, now) and self._byte_bucket.can_take(size, now):
             self._message_bucket.take(1, now)
             self._byte_bucket.take(size, now)
@@ -499,17 +671,28 @@ class _Connection:
             "dropped; send less often",
         )
 
+    async def _answer(self) -> None:
+        """Send the reader's answers in order; a ``_Closing`` after them ends the connection."""
+        async for answer in self._answers_out:
+            if isinstance(answer, _Closing):
+                raise answer
+            await self._send(answer)
+
     async def _refuse(self, error: ProtocolError) -> None:
-        """Send the error frame; the ``max_errors``-th one also ends the connection (1008)."""
-        await self._send(error.frame())
+        """Answer with the error frame; the ``max_errors``-th one also ends the connection
+        (1008), once that frame has been sent."""
+        await self._answers.send(error.frame())
         self.errors += 1
         limit = self._plane.section.max_errors
         if self.errors >= limit:
-            raise _Closing(
-                POLICY_VIOLATION,
-                f"{limit} invalid, forbidden or rate-limited messages: fix the client, then "
-                "reconnect",
+            await self._answers.send(
+                _Closing(
+                    POLICY_VIOLATION,
+                    f"{limit} invalid, forbidden or rate-limited messages: fix the client, "
+                    "then reconnect",
+                )
             )
+            await trio.sleep_forever()  # read no more; the answering task ends it
 
     async def _dispatch(self, message: Subscribe | Unsubscribe | Publish | Ack | Ping) -> None:
         identity = self.identity
@@ -523,9 +706,13 @@ class _Connection:
                     f"({', '.join(identity.subscribe) or 'nothing'}): nothing was subscribed; "
                     "ask for the pattern to be added to the client's config",
                 )
-            # ``last`` (the latest reading of each topic at once) needs a last-value cache,
-            # which the hub does not keep yet: accepted and ignored for now.
-            self._resubscribe(self.patterns + message.topics)
+            # The snapshot and the new subscription are taken with no checkpoint between,
+            # so every later reading comes through the subscription, after the snapshot.
+            # Replaced even when the patterns are the same: closing the old subscription is
+            # what wakes a writer waiting on it to send the snapshot.
+            if message.last:
+                self._snapshot.extend(self._plane.hub.latest(message.topics))
+            self._resubscribe(self.patterns + message.topics, renew=message.last)
         elif isinstance(message, Unsubscribe):
             self._resubscribe(tuple(p for p in self.patterns if p not in message.topics))
         elif isinstance(message, Publish):
@@ -546,22 +733,22 @@ class _Connection:
                 for item in message.readings:
                     self._plane.hub.publish(published_reading(identity.client_id, item, now))
                 recent.add(message.id)
-            await self._send(ack_frame(message.id))
+            await self._answers.send(ack_frame(message.id))
         elif isinstance(message, Ping):
-            await self._send(pong_frame(message.id))
+            await self._answers.send(pong_frame(message.id))
         else:
             # The answer to a command; commands are not sent yet, so there is none to match.
             log.debug(
                 "device %s: ack of command %s ignored", identity.client_id, message.command_id
             )
 
-    def _resubscribe(self, patterns: tuple[str, ...]) -> None:
+    def _resubscribe(self, patterns: tuple[str, ...], *, renew: bool = False) -> None:
         """Replace the hub subscription by one for ``patterns`` (the same ones kept once).
 
         No checkpoint between subscribing anew and closing the old one, so no reading is
         offered to both; the writer drains what the old one still holds before moving on."""
         patterns = tuple(dict.fromkeys(patterns))
-        if patterns == self.patterns:
+        if patterns == self.patterns and not renew:
             return
         old = self._subscription
         section = self._plane.section
@@ -579,6 +766,9 @@ class _Connection:
         if old is not None:
             self._dropped_before += old.dropped
             old.close()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -594,6 +784,10 @@ class _Connection:
         # Subscriptions being replaced leave the old one to drain: follow whichever is current.
         draining: Subscription | None = None
         while True:
+            if self._snapshot and draining is None:
+                snapshot, self._snapshot = self._snapshot, []
+                await self._send(readings_frame(snapshot))
+                continue
             sub = draining or self._subscription
             if sub is None:
                 await self._changed.wait()

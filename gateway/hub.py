@@ -20,6 +20,10 @@ from gateway.core.topics import matches, pattern_problem
 
 _MAX_ROUTES = 100_000
 
+DEFAULT_LAST_VALUES = 10_000
+"""Topics whose latest reading the hub keeps (``Hub.latest``); the least recently updated
+is forgotten beyond it, so devices that invent topics cannot grow it without bound."""
+
 
 class OverflowPolicy(enum.Enum):
     DROP_OLDEST = "drop-oldest"
@@ -52,8 +56,12 @@ class SubscriptionStatistics:
 @attrs.frozen
 class HubStatistics:
     published: int
+    subscriptions: int
+    """Open subscriptions (``subscribers`` may show fewer: names need not be unique)."""
     subscribers: Mapping[str, SubscriptionStatistics]
     """By subscriber name (names need not be unique; the last one of a name is shown)."""
+    last_values: int
+    """Topics with a latest reading kept (``Hub.latest``)."""
 
 
 class Subscription:
@@ -139,16 +147,22 @@ class Subscription:
 
         Cancel-safe, as trio's channels are: a cancelled ``receive`` has taken nothing. It
         checks for cancellation before taking anything, and after taking it yields only
-        through a shielded checkpoint, so the readings it took are always returned."""
+        through a shielded checkpoint (or not at all, when it already yielded waiting), so
+        the readings it took are always returned."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             try:
                 delivery = self.receive_nowait()
             except trio.WouldBlock:
                 await self._wakeup.wait()  # cancelled here: nothing was taken
                 self._wakeup = trio.Event()
+                waited = True
                 continue
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # A receive must yield; one that waited has, and a second pass through the
+            # scheduler would cost every subscriber a turn per delivery.
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return delivery
 
     def __aiter__(self) -> Subscription:
@@ -174,8 +188,13 @@ class Subscription:
 class Hub:
     """Fan-out of readings. ``publish`` is synchronous and O(matching subscribers)."""
 
-    def __init__(self, default_maxlen: int = 1000) -> None:
+    def __init__(
+        self, default_maxlen: int = 1000, *, last_values: int = DEFAULT_LAST_VALUES
+    ) -> None:
         self.default_maxlen = default_maxlen
+        self.last_values = last_values
+        # topic -> its latest reading, least recently updated first.
+        self._latest: dict[str, Reading] = {}
         self._subs: dict[int, Subscription] = {}
         # topic -> subscriptions matching it; rebuilt lazily after (un)subscribe.
         self._routes: dict[str, tuple[Subscription, ...]] = {}
@@ -209,6 +228,10 @@ class Hub:
     def publish(self, reading: Reading) -> None:
         """Hand ``reading`` to every matching subscriber. Never blocks."""
         self.published += 1
+        latest = self._latest
+        if latest.pop(reading.topic, None) is None and len(latest) >= self.last_values:
+            del latest[next(iter(latest))]
+        latest[reading.topic] = reading
         route = self._routes.get(reading.topic)
         if route is None:
             if len(self._routes) >= _MAX_ROUTES:
@@ -222,8 +245,17 @@ class Hub:
         for reading in readings:
             self.publish(reading)
 
+    def latest(self, patterns: Iterable[str]) -> list[Reading]:
+        """The latest reading of each topic matching any of ``patterns``, by topic."""
+        patterns = tuple(patterns)
+        found = [r for t, r in self._latest.items() if any(matches(p, t) for p in patterns)]
+        found.sort(key=lambda r: r.topic)
+        return found
+
     def statistics(self) -> HubStatistics:
         return HubStatistics(
             published=self.published,
+            subscriptions=len(self._subs),
             subscribers={s.name: s.statistics() for s in self._subs.values()},
+            last_values=len(self._latest),
         )

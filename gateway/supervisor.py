@@ -90,7 +90,8 @@ class Supervised:
         self.name = name
         self.kind = kind
         self.policy = policy
-        self._make = make
+        self.make = make
+        """Builds each attempt's part; a reload that reconfigures in place replaces it."""
         self.backoff = backoff
         self.healthy_after = healthy_after
         self.stall_after = stall_after
@@ -185,7 +186,7 @@ class Supervised:
                     up_at: float | None = None
                     try:
                         async with trio.open_nursery() as nursery:
-                            self.part = self._make(self.progress)
+                            self.part = self.make(self.progress)
                             await nursery.start(self.part.run)
                             up_at = trio.current_time()
                             self._set(State.UP)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trustme
 
 RunGateway = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -135,7 +136,12 @@ def test_plan_of_an_invalid_config_is_not_printed(
 def test_the_examples_are_all_there() -> None:
     # So that the parametrised test below cannot pass by finding no files.
     names = {p.name for p in EXAMPLES.glob("*.toml")}
-    assert {"sim.toml", "energy-meter-rtu.toml", "plc-modbus-tcp.toml"} <= names
+    assert {
+        "sim.toml",
+        "energy-meter-rtu.toml",
+        "plc-modbus-tcp.toml",
+        "hmi-device-plane.toml",
+    } <= names
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
@@ -148,6 +154,10 @@ def test_example_passes_check_config(
     assert 'state_dir = "/var/lib/edge-gateway"' in text
     copy = tmp_path / example.name
     copy.write_text(text.replace("/var/lib/edge-gateway", str(tmp_path / "state")))
+    if "tls_cert_file" in text:  # the files it names, as the PKI would issue them
+        cert = trustme.CA().issue_cert("gateway.plant.local")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "gateway.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "gateway.key"))
     result = run_gateway("check-config", "--plan", "--config", str(copy))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"{copy}: OK"

@@ -4,32 +4,91 @@ demo's own pymodbus energy meter both deliver values, the log stays readable, an
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
+import ssl
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
+import websockets.sync.client
 
 from drivers.modbus.config import ModbusTcpBusConfig
 from drivers.modbus.tcp import modbus_tcp_bus
+from gateway import localendpoint
 from gateway.core.configtypes import Duration
 from gateway.demo import PLC_BUS, demo_config, show
 from gateway.simulator import EnergyMeterSimulator
-from tests.conftest import TIMEOUT, Daemon
+from tests.conftest import TIMEOUT, Daemon, gateway_command, gateway_env
 from tests.readings import Recorder
 
 NUMBER = r"-?\d+(?:\.\d+)?"
 
 
 @pytest.fixture
-def demo() -> Iterator[Daemon]:
-    d = Daemon(["demo"], None, {})
+def demo(tmp_path: Path) -> Iterator[Daemon]:
+    # Its certificate and the local endpoint file go below tmp_path, not the user's home.
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    d = Daemon(["demo"], None, env)
     yield d
     d.kill()
+
+
+def test_demo_serves_wss_with_its_self_signed_certificate(demo: Daemon, tmp_path: Path) -> None:
+    line = demo.wait_for_log("demo: devices connect to wss://127.0.0.1:")
+    match = re.search(r"wss://127\.0\.0\.1:(\d+) with token (\S+) ", line)
+    assert match is not None, line
+    port, token = int(match.group(1)), match.group(2)
+    cert = tmp_path / "data" / "edge-gateway" / "demo-cert.pem"
+    assert f"self-signed (made now in {cert})" in line
+    demo.wait_for_log("gateway ready:")
+
+    # The demo device's token, trusting exactly the certificate the log names; the name
+    # checked is 127.0.0.1, which the certificate holds.
+    context = ssl.create_default_context(cafile=str(cert))
+    with websockets.sync.client.connect(
+        f"wss://127.0.0.1:{port}/",
+        ssl=context,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=TIMEOUT,
+    ) as ws:
+        ws.send(json.dumps({"type": "subscribe", "topics": ["plc/#"], "last": True}))
+        frame = json.loads(ws.recv(timeout=TIMEOUT))
+        assert frame["type"] == "readings"
+        assert all(r["topic"].startswith("plc/meter/") for r in frame["readings"])
+    endpoint = localendpoint.read(tmp_path / "run" / localendpoint.FILE_NAME)
+    assert endpoint.url == f"wss://127.0.0.1:{port}"
+    assert endpoint.cert_file == str(cert)
+
+    # What the log promises: on this machine, 'edge-gateway tail' with no URL or token.
+    tail = subprocess.Popen(
+        gateway_command("tail", "--last", "plc/meter/voltage"),
+        env=gateway_env(RUNTIME_DIRECTORY=str(tmp_path / "run")),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        line = tail.stdout.readline()
+        assert re.fullmatch(
+            rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z +plc/meter/voltage +{NUMBER} V\n", line
+        ), line
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(TIMEOUT) == 130
+    finally:
+        tail.kill()
+        tail.communicate()
+
+    demo.proc.send_signal(signal.SIGINT)
+    assert demo.wait_exit() == 0
 
 
 def test_demo_polls_the_modbus_simulator_and_stops_on_ctrl_c(demo: Daemon) -> None:

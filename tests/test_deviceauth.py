@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway import deviceauth
 from gateway.config import ConfigError, parse_config, summary
@@ -37,11 +38,17 @@ TOKEN = "s3cret-token-of-the-hmi-0123456789"
 OTHER = "another-token-for-plc-7-abcdefghij"
 
 
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
 @pytest.fixture
-def tls_dir(tmp_path: Path) -> Path:
-    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
-    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+def tls_dir(tmp_path: Path, ca: trustme.CA) -> Path:
+    cert = ca.issue_cert("gateway.plant.example")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     return tmp_path
 
 
@@ -126,7 +133,7 @@ def test_full_section(tls_dir: Path) -> None:
     )
     assert plane.describe() == (
         "device plane: wss://192.168.10.5:9443, client certificates required, 1 client, "
-        "at most 100 connections, ping every 20s (checked only: the server is not in this version yet)"
+        "at most 100 connections, ping every 20s"
     )
 
 
@@ -135,8 +142,8 @@ def test_summary_shows_the_device_plane(tls_dir: Path) -> None:
         "[device_plane]\nlisten = '::1'\nplain = true\n" + client_toml(), config_dir=tls_dir
     )
     assert (
-        "device plane: ws://[::1]:8443, 1 client, at most 100 connections, ping every 20s "
-        "(checked only: the server is not in this version yet)" in summary(config)
+        "device plane: ws://[::1]:8443, 1 client, at most 100 connections, ping every 20s"
+        in summary(config)
     )
 
 

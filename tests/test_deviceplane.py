@@ -22,7 +22,7 @@ import wsproto.events
 
 from gateway.core.configtypes import Duration, Name, Secret, Size
 from gateway.core.reading import Reading
-from gateway.deviceauth import DeviceClient, DevicePlaneSection, hash_token
+from gateway.deviceauth import DeviceClient, DevicePlaneSection, Refusal, hash_token
 from gateway.deviceplane import DevicePlane, RecentIds, TokenBucket
 from gateway.hub import Hub
 
@@ -580,3 +580,201 @@ async def test_client_that_does_not_answer_pings_is_closed_1011(
     assert "no pong" in close.reason
     await wait_until(lambda: plane.statistics().connections == 0)
     assert hub.statistics().subscribers == {}
+
+
+# ---- last values, reload, mTLS, local token ---------------------------------------------------
+
+
+async def test_subscribe_with_last_sends_the_latest_readings_first(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, hub, _ = await gateway()
+    hub.publish(Reading("line-1/boiler/flow", 1.0, timestamp=1.0))
+    hub.publish(Reading("line-1/boiler/flow", 2.0, timestamp=2.0))
+    hub.publish(Reading("line-1/pump/speed", 900, timestamp=2.0))
+    hub.publish(Reading("line-2/pump/speed", 5, timestamp=2.0))
+    hmi = await connect(plane.port)
+
+    await hmi.send({"type": "subscribe", "topics": ["line-1/#"], "last": True})
+    frame = await hmi.receive()
+    assert [(r["topic"], r["value"]) for r in frame["readings"]] == [
+        ("line-1/boiler/flow", 2.0),
+        ("line-1/pump/speed", 900),
+    ]
+    hub.publish(Reading("line-1/boiler/flow", 3.0, timestamp=3.0))
+    frame = await hmi.receive()
+    assert [r["value"] for r in frame["readings"]] == [3.0]
+
+    # Asked again for topics already subscribed: the snapshot still comes, nothing twice.
+    await hmi.send({"type": "subscribe", "topics": ["line-1/boiler/flow"], "last": True})
+    frame = await hmi.receive()
+    assert [(r["topic"], r["value"]) for r in frame["readings"]] == [("line-1/boiler/flow", 3.0)]
+    hub.publish(Reading("line-1/boiler/flow", 4.0, timestamp=4.0))
+    frame = await hmi.receive()
+    assert [r["value"] for r in frame["readings"]] == [4.0]
+    await hmi.ping()
+
+    stats = plane.statistics()
+    assert stats.bytes_in > 0
+    assert stats.bytes_out > 0
+    assert stats.clients[0].bytes_out == stats.bytes_out
+
+
+async def test_reload_revokes_removed_clients_and_keeps_the_others(
+    gateway: Callable[..., Any], connect: Callable[..., Any], section: DevicePlaneSection
+) -> None:
+    plane, hub, _ = await gateway()
+    hmi = await connect(plane.port)
+    sensor = await connect(plane.port, SENSOR_TOKEN)
+    await hmi.send({"type": "subscribe", "topics": ["line-1/#"]})
+    await hmi.ping()
+
+    plane.reconfigure(attrs.evolve(section, clients=CLIENTS[:1]))
+    assert await sensor.close_code() == 1008
+    # The hmi keeps its connection and its subscription.
+    hub.publish(Reading("line-1/boiler/flow", 1.0, timestamp=1.0))
+    assert (await hmi.receive())["type"] == "readings"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+        await connect(plane.port, SENSOR_TOKEN)
+    assert info.value.response.status_code == 401
+    assert plane.statistics().revoked == 1
+
+
+async def test_reload_that_narrows_an_acl_closes_subscriptions_outside_it(
+    gateway: Callable[..., Any], connect: Callable[..., Any], section: DevicePlaneSection
+) -> None:
+    plane, _, _ = await gateway()
+    hmi = await connect(plane.port)
+    sensor = await connect(plane.port, SENSOR_TOKEN)
+    await hmi.send({"type": "subscribe", "topics": ["line-1/#"]})
+    await hmi.ping()
+
+    narrower = attrs.evolve(CLIENTS[0], subscribe=("line-1/boiler/#",), publish=("door",))
+    plane.reconfigure(attrs.evolve(section, clients=(narrower, CLIENTS[1])))
+    assert await hmi.close_code() == 1008
+    # The sensor's ACL did not change: it stays, and a new ACL applies to new connections.
+    await sensor.ping()
+    hmi = await connect(plane.port)
+    await hmi.send({"type": "publish", "id": "p-1", "readings": [{"point": "door", "value": 1}]})
+    assert await hmi.receive() == {"type": "ack", "id": "p-1"}
+
+
+async def test_reload_reads_the_certificate_again_without_dropping_connections(
+    gateway: Callable[..., Any],
+    connect: Callable[..., Any],
+    section: DevicePlaneSection,
+    ca: trustme.CA,
+) -> None:
+    plane, _, _ = await gateway()
+    hmi = await connect(plane.port)
+    assert section.tls_cert_file is not None
+    assert section.tls_key_file is not None
+    before = await _server_certificate(plane.port)
+
+    rotated = ca.issue_cert("127.0.0.1")
+    rotated.cert_chain_pems[0].write_to_path(str(section.tls_cert_file.source))
+    rotated.private_key_pem.write_to_path(str(section.tls_key_file.source))
+    plane.reconfigure(section)
+
+    after = await _server_certificate(plane.port)
+    assert after != before
+    assert after == ssl.PEM_cert_to_DER_cert(rotated.cert_chain_pems[0].bytes().decode())
+    await hmi.ping()  # still connected
+    await (await connect(plane.port)).ping()
+
+
+async def test_reload_with_a_broken_key_keeps_the_previous_certificate(
+    gateway: Callable[..., Any],
+    connect: Callable[..., Any],
+    section: DevicePlaneSection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plane, _, _ = await gateway()
+    before = await _server_certificate(plane.port)
+    assert section.tls_key_file is not None
+    section.tls_key_file.source.write_text("not a key")
+    plane.reconfigure(section)
+    assert "cannot load the certificate and key again" in caplog.text
+    assert await _server_certificate(plane.port) == before
+    await (await connect(plane.port)).ping()
+
+
+async def _server_certificate(port: int) -> bytes:
+    """The DER certificate the server presents to a new connection."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+    await stream.do_handshake()
+    der = stream.getpeercert(binary_form=True)
+    await trio.aclose_forcefully(stream)
+    assert der is not None
+    return der
+
+
+async def test_mutual_tls_requires_a_client_certificate_from_the_ca(
+    gateway: Callable[..., Any],
+    client_ssl: ssl.SSLContext,
+    ca: trustme.CA,
+    tmp_path: Path,
+) -> None:
+    ca_file = tmp_path / "devices-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    # trio-websocket keeps a connection whose TLS handshake failed until handshake_timeout
+    # (its reader fails, but nothing wakes the wait for the HTTP request), so the client
+    # waits for that long: keep it short.
+    plane, _, _ = await gateway(
+        client_ca_file=Secret(ca_file, ca_file.read_text()), handshake_timeout=Duration(0.5)
+    )
+
+    def connect(context: ssl.SSLContext) -> None:
+        with websockets.sync.client.connect(
+            f"wss://127.0.0.1:{plane.port}/",
+            ssl=context,
+            additional_headers={"Authorization": f"Bearer {HMI_TOKEN}"},
+            open_timeout=TIMEOUT,
+        ) as ws:
+            ws.send(json.dumps({"type": "ping", "id": "1"}))
+            assert json.loads(ws.recv(timeout=TIMEOUT)) == {"type": "pong", "id": "1"}
+
+    # Without a client certificate the TLS handshake fails (the alert may arrive as a
+    # reset or an EOF, depending on timing, so only "it failed" is asserted).
+    with pytest.raises((ssl.SSLError, OSError, websockets.exceptions.WebSocketException)):
+        await trio.to_thread.run_sync(connect, client_ssl)
+    # A certificate from another CA fails too.
+    stranger = trustme.CA().issue_cert("sensor-7")
+    with_stranger = ssl.create_default_context()
+    ca.configure_trust(with_stranger)
+    stranger.configure_cert(with_stranger)
+    with pytest.raises((ssl.SSLError, OSError, websockets.exceptions.WebSocketException)):
+        await trio.to_thread.run_sync(connect, with_stranger)
+    # One the CA issued works.
+    ca.issue_cert("hmi-1").configure_cert(client_ssl)
+    await trio.to_thread.run_sync(connect, client_ssl)
+
+
+async def test_the_local_token_is_accepted_only_from_this_machine(
+    gateway: Callable[..., Any], connect: Callable[..., Any], section: DevicePlaneSection
+) -> None:
+    plane, hub, _ = await gateway()
+    assert plane.local_token is not None
+    local = await connect(plane.port, plane.local_token)
+    await local.send({"type": "subscribe", "topics": ["#"], "last": False})
+    await local.ping()
+    hub.publish(Reading("line-9/x/y", 1, timestamp=1.0))
+    assert (await local.receive())["readings"][0]["topic"] == "line-9/x/y"
+    assert {c.client_id for c in plane.statistics().clients} == {"local"}
+
+    # The same token from elsewhere is refused (the decision itself, since every test peer
+    # is on loopback).
+    authenticator = plane._authenticator
+    headers = {"authorization": f"Bearer {plane.local_token}"}
+    refusal = authenticator.authenticate(headers, {}, (), local_peer=False)
+    assert refusal == Refusal(401, "the local token (header) is accepted only from this machine")
+    # A reload keeps the local token valid; without local_access there is none.
+    plane.reconfigure(section)
+    await local.ping()
+    plane_without, _, _ = await gateway(local_access=False)
+    assert plane_without.local_token is None
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        await connect(plane_without.port, plane.local_token)

@@ -203,3 +203,22 @@ async def test_receive_cancelled_at_any_point_loses_nothing(
         left = []
     values = [r.value for r in got + left]
     assert values == list(range(published))
+
+
+def test_latest_keeps_the_last_reading_of_each_topic_within_a_bound() -> None:
+    hub = Hub(last_values=3)
+    hub.publish(Reading("a/x/1", 1, timestamp=1.0))
+    hub.publish(Reading("a/x/2", 2, timestamp=1.0))
+    hub.publish(Reading("a/x/1", 3, timestamp=2.0))
+    hub.publish(Reading("b/y/1", 4, timestamp=2.0))
+    assert [(r.topic, r.value) for r in hub.latest(["a/#"])] == [("a/x/1", 3), ("a/x/2", 2)]
+    assert [r.topic for r in hub.latest(["+/+/1"])] == ["a/x/1", "b/y/1"]
+    # A fourth topic forgets the least recently updated one (a/x/2), not the oldest inserted.
+    hub.publish(Reading("c/z/1", 5, timestamp=3.0))
+    assert [r.topic for r in hub.latest(["#"])] == ["a/x/1", "b/y/1", "c/z/1"]
+    assert hub.statistics().last_values == 3
+    with hub.subscribe("one", ["#"]), hub.subscribe("one", ["a/#"]):
+        stats = hub.statistics()
+        assert stats.subscriptions == 2
+        assert len(stats.subscribers) == 1  # by name
+    assert hub.statistics().subscriptions == 0

@@ -331,14 +331,21 @@ def help_text(*command: str) -> str:
 def test_help_says_what_the_gateway_does_today() -> None:
     text = help_text()
     description = " ".join(text.split("\n\n")[1:3]).replace("\n", " ")
-    for today in ("Modbus RTU", "Modbus TCP", "serial-line", "in-memory hub", "supervisor"):
+    for today in (
+        "Modbus RTU",
+        "Modbus TCP",
+        "serial-line",
+        "in-memory hub",
+        "supervisor",
+        "secure WebSocket (wss)",
+    ):
         assert today in description
     assert "systemd" in description
-    # wss and CPI are named only as not there yet.
-    future = [p for p in text.split("\n\n") if "wss" in p or "CPI" in p]
+    # CPI is named only as not there yet.
+    future = [p for p in text.split("\n\n") if "CPI" in p]
     assert future
     assert all("not there yet" in p for p in future), future
-    for command in ("run", "check-config", "demo"):
+    for command in ("run", "check-config", "demo", "hash-token"):
         assert re.search(rf"^    {command}\b", text, re.MULTILINE)
 
 
