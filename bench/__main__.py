@@ -1,4 +1,5 @@
-"""``python -m bench [tcp] [rtu] [--profile]``: run the benchmarks and print their tables."""
+"""``python -m bench [tcp] [rtu] [fanout] [wss-memory] [--profile]``: run the benchmarks and print
+their tables."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from importlib.metadata import version
 
 from bench.peers import pin, quiet_pymodbus
 
-BENCHMARKS = ("tcp", "rtu")
+BENCHMARKS = ("tcp", "rtu", "fanout", "wss-memory")
 
 
 def machine() -> str:
@@ -23,13 +24,16 @@ def machine() -> str:
         f"machine: Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.system()} {platform.machine()}, {cpus} CPUs ({usable} usable), load "
         f"average {load:.2f}{busy}; trio {version('trio')}, pymodbus {version('pymodbus')}, "
-        f"pyserial {version('pyserial')}"
+        f"pyserial {version('pyserial')}, trio-websocket {version('trio-websocket')}, "
+        f"websockets {version('websockets')}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help="tcp, rtu (default: all)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"{', '.join(BENCHMARKS)} (default: all)"
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -49,8 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         if name == "tcp":
             from bench import modbus_tcp as bench
-        else:
+        elif name == "rtu":
             from bench import modbus_rtu as bench  # type: ignore[no-redef]
+        elif name == "fanout":
+            from bench import fanout as bench  # type: ignore[no-redef]
+        else:
+            from bench import wss_memory as bench  # type: ignore[no-redef]
         if args.profile:
             bench.profile()
         else:
