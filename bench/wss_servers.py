@@ -366,6 +366,7 @@ def _section(certs: Certs, queue: int) -> Any:
 async def _serve_ours(certs: Certs, queue: int, conn: Connection) -> None:
     import trio
 
+    from gateway.app import settle_memory
     from gateway.deviceplane import DevicePlane
     from gateway.hub import Hub
 
@@ -373,6 +374,7 @@ async def _serve_ours(certs: Certs, queue: int, conn: Connection) -> None:
     commands = _Commands(conn)
     async with trio.open_nursery() as nursery:
         await nursery.start(plane.run)
+        settle_memory()  # as the daemon does once it is ready
         conn.send(("ready", plane.port))
         while True:
             await trio.lowlevel.wait_readable(conn.fileno())

@@ -22,6 +22,7 @@ This module and the config loader are the only ones that import ``drivers``.
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -321,6 +322,7 @@ class Gateway:
             if self.stopping:
                 return
             self.phase = Phase.RUNNING
+            settle_memory()
             status = self.status_line()
             self.notifier.ready(status)
             self.ready.set()
@@ -535,6 +537,23 @@ def _short(reason: str | None) -> str:
         return text
     keep = (REASON_LENGTH - 3) // 2
     return text[:keep] + "..." + text[-keep:]
+
+
+GC_THRESHOLD = 10_000
+"""Container allocations between young-generation collections (CPython's default: 700)."""
+
+
+def settle_memory() -> None:
+    """Once started: keep the cyclic garbage collector off what start-up made.
+
+    Modules, config, drivers and the tree are moved out of its reach (``gc.freeze``), so a
+    full collection scans only what came since; and it runs its young-generation passes less
+    often. Each pass stops the event loop: with the defaults they put the device plane's p99
+    latency at several times its p50 (``bench fanout``)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, middle, old)
 
 
 def _first(group: BaseExceptionGroup[StartupError]) -> StartupError:

@@ -128,6 +128,9 @@ class DevicePlaneSection:
     ping_interval: Duration = Duration(20.0)
     ping_timeout: Duration = Duration(20.0)
     send_timeout: Duration = Duration(10.0)
+    frame_interval: Duration = Duration(0.01)
+    """At most one readings frame per client per this time; what comes meanwhile joins the
+    next frame. A reading waits at most this long; 0: send each delivery at once."""
     queue: int = 1000
     """Readings queued per client before ``overflow`` applies."""
     overflow: Overflow = "drop-oldest"
@@ -176,6 +179,8 @@ class DevicePlaneSection:
         for key in ("handshake_timeout", "ping_interval", "ping_timeout", "send_timeout", "burst"):
             if getattr(self, key) <= 0:
                 yield key, "must be greater than 0"
+        if not 0 <= self.frame_interval <= 1:
+            yield "frame_interval", "must be from 0 to 1s (readings would wait that long)"
         for key, low in (
             ("max_connections", 1),
             ("queue", 1),

@@ -810,3 +810,9 @@ class _Connection:
                 await self._send(gap_frame(delivery.dropped))
             if delivery.readings:
                 await self._send(readings_frame(delivery.readings))
+                # What comes meanwhile waits for the next frame: a client gets at most one
+                # readings frame per frame_interval, and a busy gateway sends fewer, fuller
+                # frames (a send costs about as much for one reading as for fifty).
+                interval = self._plane.section.frame_interval
+                if interval > 0:
+                    await trio.sleep(interval)

@@ -778,3 +778,21 @@ async def test_the_local_token_is_accepted_only_from_this_machine(
     assert plane_without.local_token is None
     with pytest.raises(websockets.exceptions.InvalidStatus):
         await connect(plane_without.port, plane.local_token)
+
+
+async def test_readings_that_come_within_frame_interval_share_the_next_frame(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, hub, _ = await gateway(frame_interval=Duration(1.0))
+    hmi = await connect(plane.port)
+    await hmi.send({"type": "subscribe", "topics": ["line-1/#"]})
+    await hmi.ping()
+    hub.publish(Reading("line-1/a/x", 1, timestamp=1.0))
+    # The first reading goes at once; the writer then waits out the interval, and what
+    # comes meanwhile is sent together, even when it came in separate deliveries (the
+    # ping's round trip lets the writer take reading 2 on its own if it were not waiting).
+    assert [r["value"] for r in (await hmi.receive())["readings"]] == [1]
+    hub.publish(Reading("line-1/a/x", 2, timestamp=2.0))
+    await hmi.ping()
+    hub.publish(Reading("line-1/a/y", 3, timestamp=3.0))
+    assert [r["value"] for r in (await hmi.receive())["readings"]] == [2, 3]
