@@ -272,6 +272,9 @@ class Gateway:
     ready: trio.Event = attrs.Factory(trio.Event)
     """Set once every component has started (when READY=1 goes to systemd)."""
     stopped_cleanly: bool = False
+    settle: bool = False
+    """Call ``settle_memory`` once ready (the daemon; not tests running many gateways in one
+    process, where frozen objects would pile up)."""
     _tree: trio.Nursery | None = None
     _reload_scope: trio.CancelScope | None = None
     _reload_done: trio.Event | None = None
@@ -322,7 +325,8 @@ class Gateway:
             if self.stopping:
                 return
             self.phase = Phase.RUNNING
-            settle_memory()
+            if self.settle:
+                settle_memory()
             status = self.status_line()
             self.notifier.ready(status)
             self.ready.set()

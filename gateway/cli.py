@@ -255,6 +255,7 @@ def _serve(load: Callable[[], Config], extras: Sequence[Extra] = ()) -> int:
     logs.setup(config.logging.level)
     notifier = Notifier()
     gateway = Gateway.create(config, load, notifier)
+    gateway.settle = True
 
     async def serve() -> None:
         try:
