@@ -588,8 +588,15 @@ class _Connection:
                     nursery.start_soon(self._until_done, self._keepalive, nursery.cancel_scope)
         finally:
             # Shielded: on shutdown the client must still get its 1001.
-            with trio.CancelScope(shield=True), trio.move_on_after(self._plane.shutdown_timeout):
-                await self._ws.aclose(self.close_code, self.close_reason or None)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._plane.shutdown_timeout):
+                    await self._ws.aclose(self.close_code, self.close_reason or None)
+                # trio-websocket's aclose() returns at once, without closing the stream, when
+                # the client started the close or the connection broke; its reader may then
+                # wait forever to send the close answer to a client that stopped reading,
+                # holding the socket. Closing the stream ends that (trio-websocket offers no
+                # public way to do it).
+                await trio.aclose_forcefully(self._ws._stream)
 
     async def _until_done(
         self, task: Callable[[], Awaitable[None]], scope: trio.CancelScope
@@ -599,8 +606,12 @@ class _Connection:
             await task()
         except _Closing as e:
             self.close_code, self.close_reason = e.code, e.reason
-        except ConnectionClosed:
-            pass  # the client left (cleanly or not); nothing more to say to it
+        except ConnectionClosed as e:
+            # The client left, cleanly or not (1006: without a close frame); nothing more to
+            # say to it. Its code is what the log shows.
+            if e.reason is not None:
+                self.close_code = e.reason.code
+                self.close_reason = e.reason.reason or ""
         finally:
             scope.cancel()
 
