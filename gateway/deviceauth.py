@@ -625,7 +625,7 @@ class Authenticator:
         origin = headers.get("origin")
         if origin is not None and normalize_origin(origin) not in self._origins:
             # Header-less (non-browser) clients pass; a browser page only from a listed origin.
-            shown = origin if origin_problem(origin) is None else "(malformed)"
+            shown = origin if origin == "null" or origin_problem(origin) is None else "(malformed)"
             return Refusal(403, f"Origin {shown} is not in device_plane.origins")
         via: Via = "header"
         token = _bearer(headers)

@@ -79,6 +79,12 @@ POLICY_VIOLATION = 1008
 # gateway is going away, which it is not.
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
+ABNORMAL = 1006
+"""Never sent (RFC 6455 forbids it in a close frame): what the log shows for a connection
+that ended without a close frame, either way."""
+
+CLOSE_REASON_BYTES = 123
+"""The most a close frame's reason can hold (RFC 6455 section 5.5)."""
 
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 """Seconds for closing every connection (1001) when the server stops."""
@@ -426,7 +432,17 @@ class DevicePlane:
             await request.reject(503, body=b"too many connections: try again later\n")
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        query = dict(parse_qsl(urlsplit(request.path).query))
+        pairs = parse_qsl(urlsplit(request.path).query)
+        query = dict(pairs)
+        if sum(1 for key, _ in pairs if key == "token") > 1:
+            self.refused += 1
+            log.warning(
+                "device plane refused %s: more than one token in the query string",
+                peer,
+                extra=kv(peer=peer, status=401),
+            )
+            await request.reject(401, extra_headers=[(b"WWW-Authenticate", b"Bearer")])
+            return
         answer = self._authenticator.authenticate(
             headers,
             query,
@@ -479,6 +495,14 @@ def _address(endpoint: Endpoint | str) -> str:
         host = str(endpoint.address)
         return f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
     return endpoint
+
+
+def _fit(reason: str) -> str:
+    """``reason`` cut at a word to fit a close frame (the log keeps the whole text)."""
+    if len(reason.encode()) <= CLOSE_REASON_BYTES:
+        return reason
+    cut = reason.encode()[: CLOSE_REASON_BYTES - 3].decode(errors="ignore")
+    return cut.rsplit(" ", 1)[0].rstrip(",:;") + "..."
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -589,8 +613,9 @@ class _Connection:
         finally:
             # Shielded: on shutdown the client must still get its 1001.
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(self._plane.shutdown_timeout):
-                    await self._ws.aclose(self.close_code, self.close_reason or None)
+                if self.close_code != ABNORMAL:
+                    with trio.move_on_after(self._plane.shutdown_timeout):
+                        await self._ws.aclose(self.close_code, _fit(self.close_reason) or None)
                 # trio-websocket's aclose() returns at once, without closing the stream, when
                 # the client started the close or the connection broke; its reader may then
                 # wait forever to send the close answer to a client that stopped reading,
@@ -612,6 +637,15 @@ class _Connection:
             if e.reason is not None:
                 self.close_code = e.reason.code
                 self.close_reason = e.reason.reason or ""
+        except Exception as e:
+            # A defect while serving one client ends that connection only, never the server
+            # and everyone else on it.
+            log.critical(
+                "device %s: defect while serving it, connection closed (please report this)",
+                self.identity.client_id,
+                exc_info=e,
+            )
+            self.close_code, self.close_reason = INTERNAL_ERROR, "internal error"
         finally:
             scope.cancel()
 
@@ -623,7 +657,8 @@ class _Connection:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
             await self._ws.send_message(frame)
         if scope.cancelled_caught:
-            raise _Closing(TRY_AGAIN_LATER, f"a send took longer than {timeout:g}s: read faster")
+            # Half a frame went out: no close frame can follow it, the client sees 1006.
+            raise _Closing(ABNORMAL, f"a send took longer than {timeout:g}s: read faster")
         self.messages_out += 1
         self._plane.messages_out += 1
         # Frames are ASCII (JSON with ensure_ascii), so characters are bytes.

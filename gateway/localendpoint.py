@@ -277,6 +277,23 @@ def remove(path: Path, pid: int) -> bool:
 # ---- finding it -----------------------------------------------------------------------------
 
 
+def _not_ours(path: Path) -> str | None:
+    """Why ``path`` (in the shared ``/tmp``) cannot be trusted, or None when it and its
+    directory are real and belong to this user; a missing file is left to the reader."""
+    for item in (path.parent, path):
+        try:
+            info = os.lstat(item)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return f"cannot be checked ({e.strerror or e})"
+        if stat.S_ISLNK(info.st_mode):
+            return f"{item} is a symlink"
+        if info.st_uid != os.geteuid():
+            return f"{item} belongs to uid {info.st_uid}, not to this user: remove it"
+    return None
+
+
 def running(pid: int) -> bool:
     """Whether a process ``pid`` exists (of any user)."""
     try:
@@ -288,13 +305,19 @@ def running(pid: int) -> bool:
     return True
 
 
-def find() -> tuple[LocalEndpoint, Path]:
+def find(skipped: list[str] | None = None) -> tuple[LocalEndpoint, Path]:
     """The first usable endpoint file of ``candidates()`` and its path. Files of gateways no
-    longer running are skipped. Raises ``EndpointNotFoundError`` saying where it looked and
-    what stood in the way."""
-    notes: list[str] = []
+    longer running are skipped, and so is a file in ``/tmp`` that is not this user's (anyone
+    can create ``/tmp/edge-gateway-<uid>`` first and put a URL, certificate and token of their
+    choosing there). Each candidate passed over adds a line to ``skipped``. Raises
+    ``EndpointNotFoundError`` saying where it looked and what stood in the way."""
+    notes: list[str] = [] if skipped is None else skipped
     permission_denied = False
+    shared = _tmp_directory() / FILE_NAME
     for path in candidates():
+        if path == shared and (problem := _not_ours(path)) is not None:
+            notes.append(f"  {path}: ignored: {problem}")
+            continue
         try:
             endpoint = read(path)
         except (FileNotFoundError, NotADirectoryError):

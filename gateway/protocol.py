@@ -30,7 +30,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 from gateway.core.reading import Quality, Reading, Value
-from gateway.core.topics import device_topic, name_problem, pattern_problem
+from gateway.core.topics import depth_problem, device_topic, name_problem, pattern_problem
 from gateway.core.validation import UnknownKey, join, leaves
 
 # ---- limits (docs/protocol.md, "Limits") ---------------------------------------------------
@@ -53,6 +53,9 @@ MAX_REASON = 128
 """Characters of the reason of a bad reading."""
 MAX_ERROR_TEXT = 1024
 """Characters of the error of a failed command (``ack`` with ``ok: false``)."""
+EARLIEST_YEAR = 2000
+"""A reading's ``ts`` before this year means a device clock that was never set."""
+
 MAX_FUTURE = 86400.0
 """How far (seconds) a reading's ``ts`` may be ahead of the gateway's clock."""
 MAX_INT = 2**63 - 1
@@ -235,7 +238,7 @@ def _message_id(value: object, _: type) -> MessageId:
 
 def _pattern(value: object, _: type) -> Pattern:
     text = _string(value, 'a topic pattern such as "line-1/+/temperature"', MAX_PATTERN)
-    problem = pattern_problem(text)
+    problem = pattern_problem(text) or depth_problem(text)
     if problem is None:
         for level in text.split("/"):
             if level not in ("+", "#"):
@@ -307,6 +310,11 @@ def _utc_time(value: object, _: type) -> UtcTime:
             f"{show(value)} is not UTC: convert it to UTC and end it in Z, such as {_TS_EXAMPLE}"
         )
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    if year < EARLIEST_YEAR:
+        raise _Problem(
+            f"{show(value)} is before {EARLIEST_YEAR}: the device's clock is not set (NTP, or an "
+            "RTC battery); leave ts out to use the gateway's time"
+        )
     try:
         when = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
     except ValueError as e:
@@ -563,7 +571,11 @@ def published_reading(client_id: str, item: PublishItem, now: float) -> Reading:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):  # 9999-12-31T23:59:59.9999Z rounds past 9999
+        return "the end of year 9999"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _dumps(data: Mapping[str, object]) -> str:

@@ -267,7 +267,11 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
     pinned: str | None = None
     if url is None:
         try:
-            endpoint, path = localendpoint.find()
+            skipped: list[str] = []
+            endpoint, path = localendpoint.find(skipped)
+            for note in skipped:
+                if not note.endswith(": not there"):
+                    print(f"tail: passed over{note}", file=sys.stderr)
         except localendpoint.EndpointNotFoundError as e:
             status = EX_NOPERM if e.permission_denied else EX_UNAVAILABLE
             raise TailError(
@@ -320,6 +324,10 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
 
 def main(args: argparse.Namespace) -> int:
     """``edge-gateway tail`` with its parsed arguments; the exit status."""
+    # The command line's entry remembers SIGTERM and ignores SIGHUP for the daemon's sake;
+    # tail is a plain command: both end it, as they end any other (timeout, a closed ssh).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
     try:
         target = resolve(args, os.environ)
         status = trio.run(

@@ -20,6 +20,7 @@ import websockets.sync.client
 import wsproto
 import wsproto.events
 
+from gateway import deviceplane
 from gateway.core.configtypes import Duration, Name, Secret, Size
 from gateway.core.reading import Reading
 from gateway.deviceauth import DeviceClient, DevicePlaneSection, Refusal, hash_token
@@ -796,3 +797,56 @@ async def test_readings_that_come_within_frame_interval_share_the_next_frame(
     await hmi.ping()
     hub.publish(Reading("line-1/a/y", 3, timestamp=3.0))
     assert [r["value"] for r in (await hmi.receive())["readings"]] == [2, 3]
+
+
+async def test_a_defect_serving_one_client_closes_only_that_connection(
+    gateway: Callable[..., Any],
+    connect: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plane, hub, _ = await gateway()
+    bystander = await connect(plane.port)
+    await bystander.send({"type": "subscribe", "topics": ["line-1/#"]})
+    await bystander.ping()
+    original = deviceplane.parse_client_message
+
+    def parse(data: str, *, now: float) -> Any:
+        if "boom" in data:
+            raise RuntimeError("a defect")
+        return original(data, now=now)
+
+    monkeypatch.setattr(deviceplane, "parse_client_message", parse)
+    victim = await connect(plane.port, SENSOR_TOKEN)
+    await victim.send({"type": "ping", "id": "boom"})
+    assert await victim.close_code() == 1011
+    assert "device sensor-7: defect while serving it" in caplog.text
+    # The server and the other client carry on.
+    assert plane.condition().state.value == "up"
+    hub.publish(Reading("line-1/boiler/flow", 1.0, timestamp=1.0))
+    assert (await bystander.receive())["type"] == "readings"
+
+
+async def test_two_tokens_in_the_query_string_are_refused(
+    gateway: Callable[..., Any], client_ssl: ssl.SSLContext
+) -> None:
+    plane, _, _ = await gateway()
+
+    def connect() -> None:
+        url = f"wss://127.0.0.1:{plane.port}/?token=wrong-0123456789abcdefghij&token={HMI_TOKEN}"
+        with websockets.sync.client.connect(url, ssl=client_ssl, open_timeout=TIMEOUT):
+            pass
+
+    with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+        await trio.to_thread.run_sync(connect)
+    assert info.value.response.status_code == 401
+
+
+def test_close_reasons_are_cut_at_a_word_to_fit_a_close_frame() -> None:
+    reason = "client 'hmi-1' may no longer subscribe to all of line-1/#, line-2/# after a " + (
+        "reload: reconnect and subscribe within its new patterns"
+    )
+    fitted = deviceplane._fit(reason)
+    assert len(fitted.encode()) <= 123
+    assert fitted.endswith(" reconnect and subscribe within its...")
+    assert deviceplane._fit("short") == "short"

@@ -259,3 +259,32 @@ def test_find_names_the_unreadable_file_and_the_group(
 def test_running() -> None:
     assert localendpoint.running(os.getpid())
     assert localendpoint.running(1)  # init: exists, and belongs to another user (or us as root)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_find_ignores_a_tmp_directory_squatted_by_another_user(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    squatted = tmp_path / "edge-gateway-0"
+    env.setattr(localendpoint, "_tmp_directory", lambda: squatted)
+    env.setattr(localendpoint, "candidates", lambda: [squatted / FILE_NAME])
+    path = localendpoint.write(endpoint(), squatted)
+    os.chown(squatted, 65534, 65534)
+    os.chown(path, 65534, 65534)
+    skipped: list[str] = []
+    with pytest.raises(EndpointNotFoundError) as info:
+        localendpoint.find(skipped)
+    assert f"{squatted} belongs to uid 65534, not to this user: remove it" in str(info.value)
+    assert skipped == [
+        f"  {path}: ignored: {squatted} belongs to uid 65534, not to this user: remove it"
+    ]
+
+
+def test_find_ignores_a_symlink_in_tmp(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real = localendpoint.write(endpoint(), tmp_path / "elsewhere")
+    link = tmp_path / "edge-gateway-0"
+    link.symlink_to(real.parent)
+    env.setattr(localendpoint, "_tmp_directory", lambda: link)
+    env.setattr(localendpoint, "candidates", lambda: [link / FILE_NAME])
+    with pytest.raises(EndpointNotFoundError, match="is a symlink"):
+        localendpoint.find()

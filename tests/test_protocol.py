@@ -159,7 +159,7 @@ BAD = [
         id="sub-topics-empty",
     ),
     pytest.param(
-        json.dumps({"type": "subscribe", "topics": [f"a/{i}" for i in range(101)]}),
+        json.dumps({"type": "subscribe", "topics": [f"a/{i}/#" for i in range(101)]}),
         "too-large",
         "topics: 101 items are too many: at most 100 in one message; send several messages",
         None,
@@ -569,7 +569,7 @@ def test_every_error_code_is_documented() -> None:
 
 
 def test_limits_are_inclusive() -> None:
-    topics = [f"a/{i}" for i in range(MAX_TOPICS)]
+    topics = [f"a/{i}/#" for i in range(MAX_TOPICS)]
     assert len(parse(json.dumps({"type": "subscribe", "topics": topics})).topics) == MAX_TOPICS
     assert len(parse(pub(*[item()] * MAX_READINGS)).readings) == MAX_READINGS
     assert parse(json.dumps({"type": "ping", "id": "x" * 128})) == Ping("x" * 128)
@@ -618,7 +618,7 @@ def test_repeated_patterns_are_kept_once_in_order() -> None:
 
 
 def test_unsubscribe() -> None:
-    assert parse('{"type":"unsubscribe","topics":["a/+"]}') == Unsubscribe(("a/+",))  # type: ignore[arg-type]
+    assert parse('{"type":"unsubscribe","topics":["a/+/+"]}') == Unsubscribe(("a/+/+",))  # type: ignore[arg-type]
 
 
 def test_publish_with_every_field() -> None:
@@ -652,7 +652,7 @@ def test_publish_with_every_field() -> None:
         ("2026-04-24T03:06:40Z", NOW),
         ("2026-04-24T03:06:40.5Z", NOW + 0.5),
         ("2026-04-24T03:06:40.123456+00:00", NOW + 0.123456),
-        ("1999-12-31T23:59:59Z", 946684799.0),
+        ("2000-01-01T00:00:00Z", 946684800.0),
     ],
 )
 def test_timestamps_in_utc(ts: str, expected: float) -> None:
@@ -809,3 +809,26 @@ def test_the_protocol_model_imports_no_io() -> None:
     outside = {m for m in imported if m not in allowed and not m.startswith("cattrs.")}
     assert outside, "expected imports of gateway.core"
     assert all(m.startswith("gateway.core.") for m in outside), outside
+
+
+@pytest.mark.parametrize(
+    "pattern", ["line-1", "line-1/+", "line-1/+/+/+", "line-1/+/+/+/#", "a/b/c/d"]
+)
+def test_a_pattern_that_can_never_match_a_topic_is_refused(pattern: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(json.dumps({"type": "subscribe", "topics": [pattern]}))
+    assert f"topics[0]: {pattern!r} can never match: topics have 3 levels" in info.value.message
+
+
+@pytest.mark.parametrize("ts", ["9999-12-31T23:59:59.999999999Z", "9999-12-31T23:59:59Z"])
+def test_a_timestamp_at_the_end_of_time_is_an_error_not_a_crash(ts: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(pub(item(ts=ts)))
+    assert "is more than a day ahead of the gateway's clock" in info.value.message
+
+
+@pytest.mark.parametrize("ts", ["1970-01-01T00:00:00Z", "0001-01-01T00:00:00Z"])
+def test_a_timestamp_before_2000_means_an_unset_clock(ts: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(pub(item(ts=ts)))
+    assert "is before 2000: the device's clock is not set" in info.value.message

@@ -8,8 +8,10 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,8 +34,7 @@ from gateway.deviceplane import DevicePlane
 from gateway.hub import Hub, Subscription
 from gateway.localendpoint import LocalEndpoint
 from gateway.tail import TailError, Target, run_tail
-
-TIMEOUT = 10.0
+from tests.conftest import TIMEOUT, gateway_command, gateway_env
 
 CONSOLE_TOKEN = "console-token-0123456789abcdefghijkl"
 SENSOR_TOKEN = "sensor-token-0123456789abcdefghijklm"
@@ -690,3 +691,28 @@ def test_local_endpoint_token_only_without_another(
         None,
     )
     assert tail.resolve(parse(), {}).token == "local-token-0123456789abcdefghij"
+
+
+def test_sigterm_ends_tail(tmp_path: Path) -> None:
+    # A server that accepts and never answers: tail waits in its handshake.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        token = tmp_path / "token"
+        token.write_text("a-token-of-twenty-or-more-characters")
+        tail = subprocess.Popen(
+            gateway_command("tail", "--url", f"ws://127.0.0.1:{port}", "--token-file", str(token)),
+            env=gateway_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            connection, _ = server.accept()  # tail is connected, so past its start-up
+            with connection:
+                tail.send_signal(signal.SIGTERM)
+                assert tail.wait(TIMEOUT) == -signal.SIGTERM
+        finally:
+            tail.kill()
+            tail.wait()

@@ -38,6 +38,22 @@ def pattern_problem(pattern: str) -> str | None:
     return None
 
 
+TOPIC_LEVELS = 3
+"""Every topic is ``bus/device/point`` (or ``devices/<client id>/<point>``)."""
+
+
+def depth_problem(pattern: str) -> str | None:
+    """Why a valid ``pattern`` can never match a topic of ``TOPIC_LEVELS`` levels, or None."""
+    levels = pattern.split("/")
+    fixed = levels[:-1] if levels[-1] == "#" else levels
+    if len(fixed) > TOPIC_LEVELS or (levels[-1] != "#" and len(levels) != TOPIC_LEVELS):
+        return (
+            f"{pattern!r} can never match: topics have {TOPIC_LEVELS} levels, bus/device/point "
+            "(end a shorter pattern in '/#')"
+        )
+    return None
+
+
 def matches(pattern: str, topic: str) -> bool:
     """True when ``topic`` matches the MQTT-style ``pattern``."""
     if pattern == "#" or pattern == topic:
