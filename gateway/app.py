@@ -5,15 +5,19 @@
     │                               until the tree below has ended, so a late signal is handled
     └── tree (root nursery)         READY=1 only after every component started
         ├── components              every long-running part, in start order (``specs``):
+        │   ├── outbox              stage store: the SQLite outbox, fed from the hub (required;
+        │   │                       with [cpi] only), subscribed before any producer starts
         │   ├── bus <name>...       stage producers: one Supervised per configured bus
-        │   └── devices             stage connections: the wss device plane (required)
+        │   ├── devices             stage producers: the wss device plane (required)
+        │   └── cpi                 stage consumers: the forwarder, batches from the outbox
         ├── watchdog                WATCHDOG=1 while the loop runs and no component is stuck
         ├── status                  STATUS= line every gateway.status_interval
         └── extras                  e.g. the demo's console; each gets the hub, nothing more
 
 Components are started in the order ``specs`` lists them and stopped by stage: producers
-first, then consumers drain what the hub holds, then the store commits, then connections
-close, then the API. Watchdog, STATUS line, reload and (later) ``/readyz`` and ``/metrics``
+first (buses, and the device plane, whose clients also publish), then the forwarder gets a
+moment for the batch in flight, then the outbox commits everything the hub still holds and
+closes, then the API. Watchdog, STATUS line, reload and (later) ``/readyz`` and ``/metrics``
 read components only through ``gateway.core.component``'s model.
 
 This module and the config loader are the only ones that import ``drivers``.
@@ -39,12 +43,14 @@ from gateway import localendpoint
 from gateway.config import Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
 from gateway.core.backoff import Backoff
-from gateway.core.component import Health, StartPolicy, StartupError, State
+from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
 from gateway.core.logs import kv
 from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
 from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
-from gateway.hub import Hub, HubStatistics
+from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics
+from gateway.hub import Hub, HubStatistics, OverflowPolicy, Subscription
+from gateway.outbox import Outbox, OutboxStatistics
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised, SupervisedStatistics, describe_error
 
@@ -61,13 +67,14 @@ class Stage(enum.IntEnum):
     """When a component stops, in this order; the reverse is roughly the start order."""
 
     PRODUCERS = 1
-    """Buses, later the device uplink: nothing new enters the hub after this stage."""
+    """Buses and the device plane (its clients publish; they are closed with 1001): nothing
+    new enters the hub after this stage."""
     CONSUMERS = 2
-    """The forwarder, device-plane writers: drain what the hub holds."""
+    """The forwarder finishes the batch in flight (``shutdown_grace``)."""
     STORE = 3
-    """The outbox commits."""
+    """The outbox commits what the hub still holds, then closes."""
     CONNECTIONS = 4
-    """Device connections close (1001)."""
+    """Outgoing connections not covered above (none yet)."""
     API = 5
 
 
@@ -90,13 +97,140 @@ def supervisor_backoff(config: Config) -> Backoff:
     return Backoff(config.supervisor.backoff_initial, config.supervisor.backoff_max)
 
 
-def specs(config: Config, hub: Hub) -> list[ComponentSpec]:
-    """Every component of ``config`` in start order. The outbox, forwarder and API join this
-    list as they land."""
-    wanted = [bus_spec(bus, config, hub) for bus in config.buses]
+@attrs.define
+class Stores:
+    """What components share across reloads: the open outbox, for the forwarder."""
+
+    outbox: Outbox | None = None
+
+
+def specs(config: Config, hub: Hub, stores: Stores | None = None) -> list[ComponentSpec]:
+    """Every component of ``config`` in start order: the outbox first, so that it is
+    subscribed before any reading is published. The API joins this list when it lands."""
+    stores = stores if stores is not None else Stores()
+    wanted: list[ComponentSpec] = []
+    if config.cpi is not None:
+        wanted.append(outbox_spec(config, hub, stores))
+    wanted.extend(bus_spec(bus, config, hub) for bus in config.buses)
     if config.device_plane is not None:
         wanted.append(device_plane_spec(config.device_plane, config, hub))
+    if config.cpi is not None:
+        wanted.append(forwarder_spec(config.cpi, config, stores))
     return wanted
+
+
+OUTBOX = "outbox"
+CPI = "cpi"
+
+
+class OutboxPart:
+    """The outbox as a component: opens the database, feeds it from a hub subscription,
+    and on ``drain`` commits everything the subscription still holds before it closes."""
+
+    def __init__(self, config: Config, hub: Hub, stores: Stores) -> None:
+        self.section = config.outbox
+        self.path = config.outbox.path(config.gateway.state_dir)
+        self.hub = hub
+        self.stores = stores
+        self.outbox: Outbox | None = None
+        self._subscription: Subscription | None = None
+        self._drained = trio.Event()
+
+    def condition(self) -> Condition:
+        return UP if self.outbox is not None else Condition(State.STARTING)
+
+    def statistics(self) -> OutboxStatistics | None:
+        return self.outbox.statistics() if self.outbox is not None else None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        outbox = await Outbox.open(self.path, self.section)
+        try:
+            self.outbox = self.stores.outbox = outbox
+            self._subscription = self.hub.subscribe(
+                OUTBOX, ["#"], maxlen=self.section.buffer, policy=OverflowPolicy.DROP_OLDEST
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(outbox.feed, self._subscription)
+                task_status.started()
+            self._drained.set()  # the subscription was closed and all it held committed
+            await trio.sleep_forever()
+        finally:
+            if self._subscription is not None:
+                self._subscription.close()
+            if self.stores.outbox is outbox:
+                self.stores.outbox = None
+            self.outbox = None
+            with trio.CancelScope(shield=True):
+                await outbox.aclose()
+
+    async def drain(self) -> None:
+        if self._subscription is None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._subscription.close()
+        await self._drained.wait()
+
+
+class ForwarderPart:
+    """The forwarder as a component; ``drain`` is its graceful stop (the batch in flight
+    gets ``shutdown_grace``), after which it idles until the supervisor stops it."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self._finished = trio.Event()
+
+    def condition(self) -> Condition:
+        return self.forwarder.condition()
+
+    def statistics(self) -> ForwarderStatistics:
+        return self.forwarder.statistics()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.forwarder.run(task_status=task_status)
+        finally:
+            self._finished.set()
+        await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        self.forwarder.stop()
+        await self._finished.wait()
+
+
+def outbox_spec(config: Config, hub: Hub, stores: Stores) -> ComponentSpec:
+    def build() -> Supervised:
+        return Supervised(
+            OUTBOX,
+            lambda progress: OutboxPart(config, hub, stores),
+            supervisor_backoff(config),
+            kind="outbox",
+            policy=StartPolicy.REQUIRED,
+            healthy_after=config.supervisor.healthy_after,
+        )
+
+    key = (config.outbox, config.gateway.state_dir)
+    return ComponentSpec(OUTBOX, "outbox", Stage.STORE, key, build)
+
+
+def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> ComponentSpec:
+    def make(progress: Callable[[], None]) -> ForwarderPart:
+        outbox = stores.outbox
+        if outbox is None:
+            raise RuntimeError("the outbox is not open (see its errors above)")
+        return ForwarderPart(
+            Forwarder(section, outbox, gateway=config.gateway.name, progress=progress)
+        )
+
+    def build() -> Supervised:
+        return Supervised(
+            CPI,
+            make,
+            supervisor_backoff(config),
+            kind="cpi",
+            healthy_after=config.supervisor.healthy_after,
+        )
+
+    return ComponentSpec(CPI, "cpi", Stage.CONSUMERS, (section, config.gateway.name), build)
 
 
 def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:
@@ -146,7 +280,7 @@ def device_plane_spec(section: DevicePlaneSection, config: Config, hub: Hub) -> 
     return ComponentSpec(
         DEVICE_NAMESPACE,
         "device plane",
-        Stage.CONNECTIONS,
+        Stage.PRODUCERS,
         section.restart_key(),
         build,
         update,
@@ -268,6 +402,7 @@ class Gateway:
     notifier: Notifier
     hub: Hub
     components: Components = attrs.Factory(Components)
+    stores: Stores = attrs.Factory(Stores)
     phase: Phase = Phase.STARTING
     ready: trio.Event = attrs.Factory(trio.Event)
     """Set once every component has started (when READY=1 goes to systemd)."""
@@ -317,10 +452,11 @@ class Gateway:
             self._tree = tree
             if self.stopping:
                 tree.start_soon(self.shutdown, "SIGTERM")
-            await tree.start(self.components.run, specs(self.config, self.hub))
-            await tree.start(self._watchdog)
+            # Extras first: the demo's CPI stand-in must listen before the forwarder sends.
             for extra in extras:
                 await tree.start(extra, self.hub)
+            await tree.start(self.components.run, specs(self.config, self.hub, self.stores))
+            await tree.start(self._watchdog)
             await tree.start(self._status)
             if self.stopping:
                 return
@@ -431,7 +567,9 @@ class Gateway:
                     extra=kv(key=key),
                 )
             logs.setup(new.logging.level)
-            restarted, removed, added = await self.components.apply(specs(new, self.hub))
+            restarted, removed, added = await self.components.apply(
+                specs(new, self.hub, self.stores)
+            )
             for component in self.components.all():
                 component.backoff = supervisor_backoff(new)
                 component.healthy_after = new.supervisor.healthy_after
@@ -496,6 +634,12 @@ class Gateway:
         ]
         if clients:
             text += f", {sum(clients)} wss client{'' if sum(clients) == 1 else 's'}"
+        outbox = self.components.get(OUTBOX)
+        stats = outbox.statistics().part if outbox is not None else None
+        if isinstance(stats, OutboxStatistics):
+            text += f", backlog {stats.backlog_readings}"
+            if stats.dead_letters:
+                text += f", {stats.dead_letters} dead letters"
         if rate is not None:
             text += f", {rate:.0f} readings/s"
         return text
@@ -506,7 +650,9 @@ class Gateway:
         )
 
 
-PLURALS = {"bus": "buses"}
+PLURALS = {"bus": "buses", "cpi": "cpi"}
+SINGLETONS = {"outbox", "device plane", "cpi"}
+"""Kinds of which a gateway has one: ``device plane up`` says all there is."""
 REASONS_SHOWN = 3
 REASON_LENGTH = 100
 
@@ -514,6 +660,8 @@ REASON_LENGTH = 100
 def status_of(kind: str, members: list[tuple[str, Health]]) -> str:
     """``2 buses up, 1 degraded (plc: meter not answering), 1 down (line-1: /dev/ttyUSB9
     missing)``: the state counts of one kind, with each unhealthy member's reason."""
+    if kind in SINGLETONS and len(members) == 1 and members[0][1].state is State.UP:
+        return f"{kind} up"
     by_state: dict[State, list[tuple[str, Health]]] = {s: [] for s in State}
     for name, health in members:
         by_state[health.state].append((name, health))

@@ -212,6 +212,9 @@ def demo() -> int:
             log.warning("demo: cannot keep a certificate in %s (%s)", demo_mod.certificate_dir(), e)
             cert, key, made = demo_certificate(Path(state_dir))
         plane = demo_mod.DemoPlane(demo_mod.wss_port(), cert, key, deviceauth.generate_token())
+        secret_file = Path(state_dir) / "cpi-client-secret"
+        secret_file.write_text(deviceauth.generate_token())
+        cpi = demo_mod.DemoCpi(demo_mod.free_port(), secret_file, cert)
         log.info(
             "demo: simulated sensors (bus line-1) and a Modbus TCP energy meter on %s:%d "
             "(bus plc), state in %s; press Ctrl-C to stop",
@@ -229,11 +232,18 @@ def demo() -> int:
             cert,
             cert,
         )
+        log.info(
+            "demo: readings are stored in the outbox and forwarded to a local stand-in for "
+            "CPI on https://127.0.0.1:%d/http/edge/readings (Basic auth, CSRF), which logs each "
+            "batch it receives",
+            cpi.port,
+        )
         return _serve(
             lambda: prepare_state_dir(
-                demo_mod.demo_config(state_dir, plc_port=meter.port, plane=plane), "demo config"
+                demo_mod.demo_config(state_dir, plc_port=meter.port, plane=plane, cpi=cpi),
+                "demo config",
             ),
-            [demo_mod.console],
+            [demo_mod.cpi_standin(cpi, key), demo_mod.console],
         )
 
 

@@ -52,6 +52,8 @@ from gateway.core.configtypes import (
 from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.core.validation import UnknownKey, join, leaves
 from gateway.deviceauth import DevicePlaneSection
+from gateway.forwarder import CpiSection
+from gateway.outbox import OutboxSection
 
 DEFAULT_PATH = Path("/etc/edge-gateway/gateway.toml")
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus=78 stops a crash loop
@@ -106,6 +108,10 @@ class Config:
     """Each a driver's config class, chosen by its ``kind`` (see ``drivers.registry``)."""
     device_plane: DevicePlaneSection | None = None
     """The wss server for devices and HMIs; None (no ``[device_plane]``): no server."""
+    outbox: OutboxSection = attrs.Factory(OutboxSection)
+    """The store-and-forward database; used only with ``[cpi]``."""
+    cpi: CpiSection | None = None
+    """Where readings are forwarded; None (no ``[cpi]``): readings are not stored or sent."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         s = self.supervisor
@@ -148,6 +154,11 @@ class Config:
         if self.device_plane is not None:
             for path, message in self.device_plane.check():
                 yield f"device_plane.{path}", message
+        for path, message in self.outbox.check():
+            yield f"outbox.{path}", message
+        if self.cpi is not None:
+            for path, message in self.cpi.check():
+                yield f"cpi.{path}", message
 
 
 class ConfigError(Exception):
@@ -505,6 +516,13 @@ def summary(config: Config) -> list[str]:
     ]
     if config.device_plane is not None:
         lines.append(config.device_plane.describe())
+    if config.cpi is not None:
+        lines.append(config.cpi.describe())
+        o = config.outbox
+        lines.append(
+            f"outbox: {o.path(g.state_dir)}, at most {o.max_bytes} bytes ({o.policy}), "
+            f"synchronous={o.synchronous}"
+        )
     for bus in config.buses:
         topics = list(bus.topics())
         devices = len({t.split("/")[1] for t in topics})

@@ -11,6 +11,7 @@ values every few seconds so a person can see data flowing. The device plane serv
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,8 +22,10 @@ from pathlib import Path
 import attrs
 import trio
 
+from gateway.app import Extra
 from gateway.config import Config, parse_config
 from gateway.core.reading import Value
+from gateway.cpistandin import CpiStandIn, serve_standin
 from gateway.deviceauth import hash_token
 from gateway.hub import Hub, OverflowPolicy
 
@@ -97,6 +100,17 @@ token_sha256 = "{token_sha256}"
 subscribe = ["#"]
 publish = ["+"]
 """
+CPI = """
+# gateway.cpistandin on this machine, standing in for the iFlow's HTTPS endpoint.
+[cpi]
+url = "https://127.0.0.1:{port}/http/edge/readings"
+auth = "basic"
+client_id = "{client_id}"
+client_secret_file = '{secret_file}'
+ca_file = '{cert}'
+csrf = true
+"""
+CPI_CLIENT_ID = "sb-edge-gateway-demo"
 WSS_PORT = 8443
 
 
@@ -111,12 +125,25 @@ class DemoPlane:
     token: str
 
 
+@attrs.frozen
+class DemoCpi:
+    """The CPI stand-in the demo forwards to: its port and Basic credentials."""
+
+    port: int
+    secret_file: Path
+    cert: Path
+
+
 def demo_config(
-    state_dir: str, *, plc_port: int | None = None, plane: DemoPlane | None = None
+    state_dir: str,
+    *,
+    plc_port: int | None = None,
+    plane: DemoPlane | None = None,
+    cpi: DemoCpi | None = None,
 ) -> Config:
     """The demo config with its state in ``state_dir``; the ``plc`` bus polls the simulated
     meter on ``127.0.0.1:plc_port``, and is left out without a port; the device plane is
-    there with ``plane``."""
+    there with ``plane``, forwarding to the CPI stand-in with ``cpi``."""
     text = DEMO_CONFIG
     if plc_port is None:
         text = text[: text.index(PLC_SECTION)]
@@ -129,6 +156,10 @@ def demo_config(
             key=plane.key,
             token_sha256=hash_token(plane.token),
         )
+    if cpi is not None:
+        text += CPI.format(
+            port=cpi.port, client_id=CPI_CLIENT_ID, secret_file=cpi.secret_file, cert=cpi.cert
+        )
     config = parse_config(text, "demo config")
     return attrs.evolve(config, gateway=attrs.evolve(config.gateway, state_dir=state_dir))
 
@@ -140,9 +171,9 @@ def certificate_dir() -> Path:
     return Path(data) / "edge-gateway"
 
 
-def wss_port() -> int:
-    """8443 when nothing listens there, else a free port (the demo must start anyway)."""
-    for port in (WSS_PORT, 0):
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` when nothing listens there, else a free port (the demo must start)."""
+    for port in (preferred, 0):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
@@ -176,6 +207,46 @@ async def console(hub: Hub, *, task_status: trio.TaskStatus[None]) -> None:
             deadline += 3
             if latest:
                 log.info("latest: %s", ", ".join(f"{t}={v}" for t, v in sorted(latest.items())))
+
+
+def wss_port() -> int:
+    return free_port(WSS_PORT)
+
+
+def cpi_standin(cpi: DemoCpi, key: Path) -> Extra:
+    """The CPI stand-in as a demo task: serves HTTPS on ``cpi.port`` with the demo's
+    certificate, checks Basic credentials and CSRF as CPI does, and logs each batch."""
+    app = CpiStandIn(
+        auth="basic",
+        client_id=CPI_CLIENT_ID,
+        client_secret=cpi.secret_file.read_text().strip(),
+        csrf=True,
+    )
+
+    async def run(hub: Hub, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(
+                    serve_standin, app, cert_file=cpi.cert, key_file=key, port=cpi.port
+                )
+            )
+            task_status.started()
+            seen = 0
+            while True:
+                received = app.received
+                await received.wait()
+                for batch in list(app.batches.values())[seen:]:
+                    span = f"seq {batch.seqs[0]}..{batch.seqs[-1]}" if batch.seqs else "no seq"
+                    log.info(
+                        "CPI stand-in received batch %s: %d readings (%s), %d bytes",
+                        batch.message_id,
+                        len(batch.seqs),
+                        span,
+                        len(batch.body),
+                    )
+                seen = len(app.batches)
+
+    return run
 
 
 def state_tempdir() -> tempfile.TemporaryDirectory[str]:

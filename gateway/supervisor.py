@@ -166,8 +166,17 @@ class Supervised:
     # ---- running -----------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Nothing to finish: a producer stops when cancelled."""
-        await trio.lowlevel.checkpoint()
+        """Let the part finish what it accepted, if it has a ``drain`` (the outbox commits
+        what the hub holds, the forwarder its batch in flight); a producer has nothing to
+        finish and stops when cancelled."""
+        drain = getattr(self.part, "drain", None)
+        if drain is None:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await drain()
+        except Exception as e:  # stopping goes on: the part is cancelled next anyway
+            log.error("%s %s: could not finish: %s", self.kind, self.name, describe_error(e))
 
     def stop(self) -> None:
         """Cancel the part and the supervision loop."""

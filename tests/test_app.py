@@ -307,7 +307,9 @@ def test_required_component_that_cannot_start_ends_the_process(
     source = Source(config_text(tmp_path, a="1s"))
     real_specs = app.specs
     monkeypatch.setattr(
-        app, "specs", lambda config, hub: [*real_specs(config, hub), _failing_required(hub)]
+        app,
+        "specs",
+        lambda config, hub, stores: [*real_specs(config, hub, stores), _failing_required(hub)],
     )
     assert cli._serve(source.load) == StartupError.EX_UNAVAILABLE
     critical = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]

@@ -141,7 +141,7 @@ def test_sigterm_closes_every_client_with_1001(
     gw = daemon(gateway_config(plane_toml(free_port())), RUNTIME_DIRECTORY=str(runtime_dir))
     port = listening_port(gw)
     ready = gw.wait_ready()
-    assert "1 device plane up" in ready
+    assert "bus up, 0 down, device plane up, 0 wss clients" in ready
 
     # The local endpoint file says where and holds a token that works from here.
     endpoint = localendpoint.read(runtime_dir / localendpoint.FILE_NAME)
