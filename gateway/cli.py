@@ -42,12 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Reads plant sensors (Modbus RTU, Modbus TCP, serial-line sensors such as\n"
             "NMEA 0183) into an in-memory hub and serves them live to devices and HMIs over\n"
-            "secure WebSocket (wss), where devices also publish readings of their own. Each\n"
-            "part runs under its own supervisor, which restarts it with backoff when it\n"
-            "fails; the process runs under systemd (readiness, status line, watchdog, reload\n"
-            "on SIGHUP).\n"
+            "secure WebSocket (wss), where devices also publish readings of their own. With\n"
+            "[cpi], every reading is stored in an SQLite outbox and forwarded in batches to\n"
+            "SAP Cloud Integration (CPI) over HTTPS. Each part runs under its own\n"
+            "supervisor, which restarts it with backoff when it fails; the process runs\n"
+            "under systemd (readiness, status line, watchdog, reload on SIGHUP).\n"
             "\n"
-            "Coming, not there yet: forwarding every reading to SAP Cloud Integration (CPI)."
+            "Coming, not there yet: commands to devices and Modbus writes, the HTTPS API."
         ),
         epilog="'edge-gateway COMMAND --help' says what a command does and its exit statuses.",
     )
@@ -150,6 +151,37 @@ def _parser() -> argparse.ArgumentParser:
     hash_token.add_argument("token", nargs="?", metavar="TOKEN", help="the token to hash")
     hash_token.add_argument("--new", action="store_true", help="make a new token and hash it")
     tail.add_parser(sub)
+    outbox_parser = sub.add_parser(
+        "outbox",
+        help="look into the store-and-forward outbox; replay or purge dead letters",
+        formatter_class=raw,
+        description=(
+            "Work on the outbox database of the config's [outbox] (in gateway.state_dir),\n"
+            "safely while the gateway runs:\n"
+            "  stats          backlog, sequence numbers, batch in flight, gaps, dead letters\n"
+            "  peek [N]       the N oldest readings waiting (default 10)\n"
+            "  dead-letters   batches CPI refused for good (status and answer excerpt)\n"
+            "  replay-dead    put the dead letters back in front of the backlog, to be sent\n"
+            "                 again (after fixing the iFlow)\n"
+            "  purge-dead     delete the dead letters\n"
+            "Run it as the gateway's user (sudo -u edge-gateway) so that files it creates\n"
+            "stay the service's.\n"
+            "\n"
+            "exit status:\n"
+            "  0    done\n"
+            "  69   the outbox cannot be opened (missing: has the gateway run with [cpi]?)\n"
+            "  78   config error\n"
+            "\n"
+            "examples:\n"
+            "  sudo -u edge-gateway edge-gateway outbox stats\n"
+            "  sudo -u edge-gateway edge-gateway outbox replay-dead"
+        ),
+    )
+    outbox_parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help=config_help)
+    outbox_parser.add_argument(
+        "action", choices=["stats", "peek", "dead-letters", "replay-dead", "purge-dead"]
+    )
+    outbox_parser.add_argument("n", nargs="?", type=int, default=10, help="for peek")
     return parser
 
 
@@ -165,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return deviceauth.hash_token_command(args.token, new=args.new)
         if args.command == "tail":
             return tail.main(args)
+        if args.command == "outbox":
+            return outbox_command(args.config, args.action, args.n)
         return demo()
     except KeyboardInterrupt:
         entry.ignore_signals()
@@ -192,6 +226,34 @@ def check_config(path: Path, *, plan: bool = False) -> int:
     if plan:
         for line in request_plan(config):
             print(line)
+    return 0
+
+
+def outbox_command(path: Path, action: str, n: int) -> int:
+    from gateway import outbox
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print("\n".join(e.lines()), file=sys.stderr)
+        return EX_CONFIG
+    file = config.outbox.path(config.gateway.state_dir)
+    try:
+        if action == "stats":
+            lines = outbox.stats(file)
+        elif action == "peek":
+            lines = outbox.peek(file, n)
+        elif action == "dead-letters":
+            lines = outbox.dead_letters(file) or ["no dead letters"]
+        elif action == "replay-dead":
+            lines = [f"{outbox.replay_dead(file)} readings put back in front of the backlog"]
+        else:
+            lines = [f"{outbox.purge_dead(file)} dead readings deleted"]
+    except outbox.OutboxError as e:
+        print(f"outbox {file}: {e}", file=sys.stderr)
+        return StartupError.EX_UNAVAILABLE
+    for line in lines:
+        print(line)
     return 0
 
 
