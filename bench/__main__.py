@@ -1,5 +1,5 @@
-"""``python -m bench [tcp] [rtu] [fanout] [wss-memory] [--profile]``: run the benchmarks and print
-their tables."""
+"""``python -m bench [tcp] [rtu] [fanout] [wss-memory] [outbox] [--profile]``: run the
+benchmarks and print their tables."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from importlib.metadata import version
 
 from bench.peers import pin, quiet_pymodbus
 
-BENCHMARKS = ("tcp", "rtu", "fanout", "wss-memory")
+BENCHMARKS = ("tcp", "rtu", "fanout", "wss-memory", "outbox")
 
 
 def machine() -> str:
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import modbus_rtu as bench  # type: ignore[no-redef]
         elif name == "fanout":
             from bench import fanout as bench  # type: ignore[no-redef]
+        elif name == "outbox":
+            from bench import outbox as bench  # type: ignore[no-redef]
         else:
             from bench import wss_memory as bench  # type: ignore[no-redef]
         if args.profile:

@@ -63,7 +63,9 @@ EXCERPT = 300
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 # XML 1.0 forbids these code points even escaped; a reading's text must not break the document.
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_SIZE_LIMIT_TEXT = re.compile(r"size limit|body size|too large|exceed", re.IGNORECASE)
+# Body-size wording only: a 500 that says "rate limit exceeded" or "maximum number of
+# concurrent messages exceeded" is a transient failure to retry, not a reason to split.
+_SIZE_LIMIT_TEXT = re.compile(r"size limit|body size|too large|entity too large", re.IGNORECASE)
 
 
 # ---- config -----------------------------------------------------------------------------------

@@ -321,6 +321,10 @@ def test_full_jitter_backoff() -> None:
         *[(s, b"", Verdict.RETRY) for s in (408, 425, 429, 500, 502, 503, 504)],
         (413, b"", Verdict.TOO_LARGE),
         (500, b"Body size limit exceeded", Verdict.TOO_LARGE),
+        (500, b"Request entity too large", Verdict.TOO_LARGE),
+        # Transient overloads that also say "exceeded": retried, never split.
+        (500, b"Rate limit exceeded", Verdict.RETRY),
+        (500, b"Maximum number of concurrent messages exceeded, try again later", Verdict.RETRY),
         *[(s, b"", Verdict.REFUSED) for s in (400, 404, 415, 422, 409)],
         (401, b"", Verdict.AUTH),
         (403, b"", Verdict.AUTH),
