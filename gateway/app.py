@@ -26,6 +26,7 @@ This module and the config loader are the only ones that import ``drivers``.
 from __future__ import annotations
 
 import enum
+import functools
 import gc
 import logging
 import signal
@@ -49,7 +50,7 @@ from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
 from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
 from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics
-from gateway.hub import Hub, HubStatistics, OverflowPolicy, Subscription
+from gateway.hub import Hub, HubStatistics, OverflowPolicy, Subscription, Watermark
 from gateway.outbox import Outbox, OutboxStatistics
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised, SupervisedStatistics, describe_error
@@ -102,6 +103,8 @@ class Stores:
     """What components share across reloads: the open outbox, for the forwarder."""
 
     outbox: Outbox | None = None
+    watermark: Watermark | None = None
+    """How far the outbox has committed what the hub published (device acks wait for it)."""
 
 
 def specs(config: Config, hub: Hub, stores: Stores | None = None) -> list[ComponentSpec]:
@@ -113,7 +116,7 @@ def specs(config: Config, hub: Hub, stores: Stores | None = None) -> list[Compon
         wanted.append(outbox_spec(config, hub, stores))
     wanted.extend(bus_spec(bus, config, hub) for bus in config.buses)
     if config.device_plane is not None:
-        wanted.append(device_plane_spec(config.device_plane, config, hub))
+        wanted.append(device_plane_spec(config.device_plane, config, hub, stores))
     if config.cpi is not None:
         wanted.append(forwarder_spec(config.cpi, config, stores))
     return wanted
@@ -149,8 +152,11 @@ class OutboxPart:
             self._subscription = self.hub.subscribe(
                 OUTBOX, ["#"], maxlen=self.section.buffer, policy=OverflowPolicy.DROP_OLDEST
             )
+            watermark = self.stores.watermark = Watermark(self.hub.published)
             async with trio.open_nursery() as nursery:
-                await nursery.start(outbox.feed, self._subscription)
+                await nursery.start(
+                    functools.partial(outbox.feed, self._subscription, watermark=watermark)
+                )
                 task_status.started()
             self._drained.set()  # the subscription was closed and all it held committed
             await trio.sleep_forever()
@@ -158,7 +164,7 @@ class OutboxPart:
             if self._subscription is not None:
                 self._subscription.close()
             if self.stores.outbox is outbox:
-                self.stores.outbox = None
+                self.stores.outbox = self.stores.watermark = None
             self.outbox = None
             with trio.CancelScope(shield=True):
                 await outbox.aclose()
@@ -249,7 +255,9 @@ def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:
     return ComponentSpec(bus.name, "bus", Stage.PRODUCERS, bus, build)
 
 
-def device_plane_spec(section: DevicePlaneSection, config: Config, hub: Hub) -> ComponentSpec:
+def device_plane_spec(
+    section: DevicePlaneSection, config: Config, hub: Hub, stores: Stores | None = None
+) -> ComponentSpec:
     """The wss server: required (a port in use ends the process with 69, for systemd to
     retry), reconfigured in place on reload unless its listener changed."""
 
@@ -260,6 +268,7 @@ def device_plane_spec(section: DevicePlaneSection, config: Config, hub: Hub) -> 
             hub,
             shutdown_timeout=config.gateway.shutdown_timeout / 2,
             local_endpoint_dir=directory,
+            watermark=lambda: stores.watermark if stores is not None else None,
         )
 
     def build() -> Supervised:

@@ -408,6 +408,19 @@ def load_config(
     source = str(path)
     try:
         text = decode_config(_read(path))
+        if all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()):
+            # Most likely caught while an editor rewrites it in place; running on defaults
+            # would stop every bus and the device plane. Reloads keep the running config.
+            raise ConfigError(
+                source,
+                [
+                    (
+                        "",
+                        "the file has no settings (empty, or only comments): if an editor "
+                        "is saving it, reload once it is done; start from examples/",
+                    )
+                ],
+            )
         config = parse_config(text, source, config_dir=path.parent.resolve(), kinds=kinds)
     except ValueError as e:  # decode_config says what the encoding is and what to do
         raise ConfigError(source, [("", str(e))]) from None

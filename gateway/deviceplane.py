@@ -51,7 +51,7 @@ from gateway.deviceauth import (
     load_certificate,
     server_ssl_context,
 )
-from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription
+from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription, Watermark
 from gateway.protocol import (
     Ack,
     ErrorCode,
@@ -177,11 +177,25 @@ class RecentIds:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def discard(self, id: str) -> None:
+        self._ids.pop(id, None)
+
     def add(self, id: str) -> None:
         self._ids[id] = None
         self._ids.move_to_end(id)
         if len(self._ids) > self.size:
             self._ids.popitem(last=False)
+
+
+@attrs.frozen
+class _AckWhenStored:
+    """Acknowledge publish ``id`` once the outbox committed hub positions ``first`` (exclusive)
+    .. ``last``; or answer ``not-stored``."""
+
+    id: str
+    first: int
+    last: int
+    watermark: Watermark
 
 
 class _Closing(Exception):
@@ -207,8 +221,12 @@ class DevicePlane:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         wall_clock: Callable[[], float] = time.time,
         local_endpoint_dir: Path | None = None,
+        watermark: Callable[[], Watermark | None] = lambda: None,
     ) -> None:
         self.section = section
+        self.watermark = watermark
+        """The outbox's commit watermark, when there is one: publishes are acknowledged
+        once committed (else as soon as the hub took them)."""
         self.hub = hub
         self._ssl_context_factory = ssl_context_factory
         self._ssl_context: ssl.SSLContext | None = None
@@ -545,7 +563,9 @@ class _Connection:
         self._changed = trio.Event()
         # The reader's answers go through a task of their own, in order: the reader goes on
         # reading while they are sent.
-        self._answers, self._answers_out = trio.open_memory_channel[str | _Closing](ANSWERS_QUEUED)
+        self._answers, self._answers_out = trio.open_memory_channel[
+            str | _Closing | _AckWhenStored
+        ](ANSWERS_QUEUED)
         self._scope = trio.CancelScope()
         self._dropped_before = 0  # by subscriptions replaced since
         self.close_code = 1000
@@ -722,7 +742,31 @@ class _Connection:
         async for answer in self._answers_out:
             if isinstance(answer, _Closing):
                 raise answer
+            if isinstance(answer, _AckWhenStored):
+                answer = await self._when_stored(answer)
             await self._send(answer)
+
+    async def _when_stored(self, pending: _AckWhenStored) -> str:
+        timeout = self._plane.section.send_timeout
+        # Not stored: a resend with the same id must be taken, not acknowledged as a duplicate.
+        recent = self._plane.recent_ids(self.identity.client_id)
+        with trio.move_on_after(timeout):
+            if await pending.watermark.reached(pending.first, pending.last):
+                return ack_frame(pending.id)
+            recent.discard(pending.id)
+            return ProtocolError(
+                ErrorCode.NOT_STORED,
+                "the gateway could not store these readings (the outbox is full, or its disk "
+                "too slow): publish them again later, with the same id",
+                pending.id,
+            ).frame()
+        recent.discard(pending.id)
+        return ProtocolError(
+            ErrorCode.NOT_STORED,
+            f"these readings were not stored within {timeout:g}s (the outbox is not "
+            "keeping up or restarting): publish them again with the same id",
+            pending.id,
+        ).frame()
 
     async def _refuse(self, error: ProtocolError) -> None:
         """Answer with the error frame; the ``max_errors``-th one also ends the connection
@@ -774,12 +818,22 @@ class _Connection:
                 )
             recent = self._plane.recent_ids(identity.client_id)
             # A duplicate (its ack was lost, say) is acknowledged again but not taken twice.
-            if message.id not in recent:
-                now = self._plane._wall_clock()
-                for item in message.readings:
-                    self._plane.hub.publish(published_reading(identity.client_id, item, now))
-                recent.add(message.id)
-            await self._answers.send(ack_frame(message.id))
+            if message.id in recent:
+                await self._answers.send(ack_frame(message.id))
+                return
+            hub = self._plane.hub
+            first = hub.published
+            now = self._plane._wall_clock()
+            for item in message.readings:
+                hub.publish(published_reading(identity.client_id, item, now))
+            recent.add(message.id)
+            watermark = self._plane.watermark()
+            if watermark is None:
+                await self._answers.send(ack_frame(message.id))
+            else:  # acknowledged once committed, by the answering task: the reader goes on
+                await self._answers.send(
+                    _AckWhenStored(message.id, first, hub.published, watermark)
+                )
         elif isinstance(message, Ping):
             await self._answers.send(pong_frame(message.id))
         else:

@@ -33,8 +33,14 @@ def ignore_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+DAEMONS = ("run", "demo")
+"""Commands that become the gateway; the others (tail, check-config...) keep the default
+signal dispositions, so that SIGTERM and SIGHUP end them as they end any command."""
+
+
 def main() -> int:
-    handle_early_signals()
+    if len(sys.argv) > 1 and sys.argv[1] in DAEMONS:
+        handle_early_signals()
     try:
         from gateway import cli
     except KeyboardInterrupt:

@@ -185,6 +185,40 @@ class Subscription:
         )
 
 
+class Watermark:
+    """How far a consumer (the outbox) has made the hub's readings durable, counted in
+    ``Hub.published``: a publisher that noted ``hub.published`` after publishing waits with
+    ``reached`` until its readings were committed, or learns they were not (dropped before
+    the disk, refused by a full outbox)."""
+
+    REFUSED_KEPT = 256
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self._refused: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=self.REFUSED_KEPT
+        )
+        self._moved = trio.Event()
+
+    def advance(self, count: int, *, stored: bool = True) -> None:
+        """The next ``count`` readings (in publish order) were committed, or not."""
+        if count <= 0:
+            return
+        start = self.position
+        self.position += count
+        if not stored:
+            self._refused.append((start, self.position))
+        self._moved.set()
+        self._moved = trio.Event()
+
+    async def reached(self, first: int, last: int) -> bool:
+        """Wait until readings ``first`` (exclusive) .. ``last`` (inclusive), as positions in
+        ``Hub.published``, are covered; whether every one of them was stored."""
+        while self.position < last:
+            await self._moved.wait()
+        return not any(start < last and first < end for start, end in self._refused)
+
+
 class Hub:
     """Fan-out of readings. ``publish`` is synchronous and O(matching subscribers)."""
 

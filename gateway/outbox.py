@@ -57,7 +57,7 @@ from gateway.core.batches import Batch, BatchSource, Gap, StoredReading
 from gateway.core.configtypes import Duration, Size
 from gateway.core.logs import kv
 from gateway.core.reading import Reading
-from gateway.hub import Subscription
+from gateway.hub import Subscription, Watermark
 
 log = logging.getLogger("gateway.outbox")
 
@@ -864,6 +864,7 @@ class Outbox:
         self,
         subscription: Subscription,
         *,
+        watermark: Watermark | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Commit what ``subscription`` delivers: at once when idle, else grouped into one
@@ -889,6 +890,9 @@ class Outbox:
                 await self.append(readings, lost=dropped)
             except OutboxFull as e:
                 pending, lost = [], 0
+                if watermark is not None:  # the oldest were dropped by the hub, then these
+                    watermark.advance(dropped, stored=False)
+                    watermark.advance(len(readings), stored=False)
                 self.dropped_hub += dropped
                 self.rejected += e.count
                 if not rejecting:
@@ -897,6 +901,9 @@ class Outbox:
                 await self._run(self._store.add_gap, e.count, OUTBOX_FULL_REJECTED)
                 return
             pending, lost = [], 0
+            if watermark is not None:
+                watermark.advance(dropped, stored=False)
+                watermark.advance(len(readings))
             self.dropped_hub += dropped
             if rejecting:
                 log.warning("outbox: storing readings again", extra=kv(refused=self.rejected))

@@ -59,6 +59,7 @@ EARLIEST_YEAR = 2000
 MAX_FUTURE = 86400.0
 """How far (seconds) a reading's ``ts`` may be ahead of the gateway's clock."""
 MAX_INT = 2**63 - 1
+MIN_INT = -(2**63)
 """Whole numbers are 64-bit, as the outbox (SQLite) and CPI store them."""
 
 DEFAULT_BAD_REASON = "reported bad by the device"
@@ -77,6 +78,7 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too-large"
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate-limited"
+    NOT_STORED = "not-stored"
 
 
 class ProtocolError(Exception):
@@ -263,10 +265,10 @@ def _value(value: object, _: type) -> Value:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        if abs(value) > MAX_INT:
+        if not MIN_INT <= value <= MAX_INT:
             raise _Problem(
-                f"{show(value)} is too large: a whole number is at most {MAX_INT} (64 bits); "
-                "send it as a float or a string"
+                f"{show(value)} is out of range: a whole number is from {MIN_INT} to "
+                f"{MAX_INT} (64 bits); send it as a float or a string"
             )
         return value
     if isinstance(value, float):
@@ -337,8 +339,8 @@ def _json(value: object, _: type) -> Json:
         item = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise _Problem(f"contains {show(item)}, which JSON does not allow: send a number")
-        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_INT:
-            raise _Problem(f"contains {show(item)}: a whole number is at most {MAX_INT}")
+        if isinstance(item, int) and not isinstance(item, bool) and not MIN_INT <= item <= MAX_INT:
+            raise _Problem(f"contains {show(item)}: a whole number is from {MIN_INT} to {MAX_INT}")
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list):

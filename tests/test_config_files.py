@@ -500,3 +500,18 @@ def test_load_config_can_check_the_state_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, check_state_dir=True)
     assert [p for p, _ in info.value.problems] == ["gateway.state_dir"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n   \n# another\n"])
+def test_a_file_without_settings_is_refused(tmp_path: Path, text: str) -> None:
+    # Caught half-written by an editor, it would otherwise reload as "all defaults" and stop
+    # every bus and the device plane.
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    assert load_problems(path) == [
+        (
+            "",
+            "the file has no settings (empty, or only comments): if an editor is saving it, "
+            "reload once it is done; start from examples/",
+        )
+    ]

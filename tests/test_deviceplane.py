@@ -25,7 +25,7 @@ from gateway.core.configtypes import Duration, Name, Secret, Size
 from gateway.core.reading import Reading
 from gateway.deviceauth import DeviceClient, DevicePlaneSection, Refusal, hash_token
 from gateway.deviceplane import DevicePlane, RecentIds, TokenBucket
-from gateway.hub import Hub
+from gateway.hub import Hub, Watermark
 
 TIMEOUT = 10.0
 
@@ -850,3 +850,36 @@ def test_close_reasons_are_cut_at_a_word_to_fit_a_close_frame() -> None:
     assert len(fitted.encode()) <= 123
     assert fitted.endswith(" reconnect and subscribe within its...")
     assert deviceplane._fit("short") == "short"
+
+
+async def test_with_an_outbox_a_publish_is_acknowledged_once_committed(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, hub, _ = await gateway()
+    watermark = Watermark(hub.published)
+    plane.watermark = lambda: watermark
+    sensor = await connect(plane.port, SENSOR_TOKEN)
+    watcher = hub.subscribe("watcher", ["devices/#"])
+
+    one = {"point": "temperature", "value": 21.5}
+    await sensor.send({"type": "publish", "id": "p-1", "readings": [one, one]})
+    assert len((await watcher.receive()).readings) == 2  # the hub took them...
+
+    def no_frame_yet() -> None:
+        with pytest.raises(TimeoutError):
+            sensor.ws.recv(timeout=0.3)
+
+    await trio.to_thread.run_sync(no_frame_yet)  # ...but they are not committed yet
+    watermark.advance(2)
+    assert await sensor.receive() == {"type": "ack", "id": "p-1"}
+
+    # Not stored (a full outbox): an error, and the same id is taken again on a resend.
+    await sensor.send({"type": "publish", "id": "p-2", "readings": [one]})
+    await watcher.receive()
+    watermark.advance(1, stored=False)
+    error = await sensor.receive()
+    assert (error["type"], error["code"], error["ref"]) == ("error", "not-stored", "p-2")
+    await sensor.send({"type": "publish", "id": "p-2", "readings": [one]})
+    assert len((await watcher.receive()).readings) == 1
+    watermark.advance(1)
+    assert await sensor.receive() == {"type": "ack", "id": "p-2"}

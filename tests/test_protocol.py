@@ -357,7 +357,7 @@ BAD = [
     pytest.param(
         pub(item(value=2**64)),
         "bad-message",
-        "readings[0].value: 18446744073709551616 is too large: a whole number is at most 9223372036854775807 (64 bits); send it as a float or a string",
+        "readings[0].value: 18446744073709551616 is out of range: a whole number is from -9223372036854775808 to 9223372036854775807 (64 bits); send it as a float or a string",
         "p1",
         id="pub-value-huge-int",
     ),

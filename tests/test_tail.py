@@ -693,7 +693,8 @@ def test_local_endpoint_token_only_without_another(
     assert tail.resolve(parse(), {}).token == "local-token-0123456789abcdefghij"
 
 
-def test_sigterm_ends_tail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("early", [False, True], ids=["connected", "while-importing"])
+def test_sigterm_ends_tail(tmp_path: Path, early: bool) -> None:
     # A server that accepts and never answers: tail waits in its handshake.
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -709,6 +710,10 @@ def test_sigterm_ends_tail(tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
+            if early:  # while Python is still importing: not remembered as for the daemon
+                tail.send_signal(signal.SIGTERM)
+                assert tail.wait(TIMEOUT) == -signal.SIGTERM
+                return
             connection, _ = server.accept()  # tail is connected, so past its start-up
             with connection:
                 tail.send_signal(signal.SIGTERM)
