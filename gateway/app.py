@@ -30,6 +30,7 @@ import functools
 import gc
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from gateway.config import Config, ConfigError, restart_needed, state_dir_messag
 from gateway.core import logs
 from gateway.core.backoff import Backoff
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
+from gateway.core.configtypes import format_duration
 from gateway.core.logs import kv
 from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
@@ -633,6 +635,8 @@ class Gateway:
     def status_line(self, rate: float | None = None) -> str:
         groups: dict[str, list[tuple[str, Health]]] = {}
         for component in self.components.all():
+            if component.kind == "cpi":
+                continue  # said below, with when CPI last answered
             groups.setdefault(component.kind, []).append((component.name, component.health()))
         text = ", ".join(status_of(kind, members) for kind, members in groups.items())
         text = text or "no components"
@@ -643,6 +647,9 @@ class Gateway:
         ]
         if clients:
             text += f", {sum(clients)} wss client{'' if sum(clients) == 1 else 's'}"
+        forwarder = self.components.get(CPI)
+        if forwarder is not None:
+            text += f", {cpi_status(forwarder.health(), forwarder.statistics().part)}"
         outbox = self.components.get(OUTBOX)
         stats = outbox.statistics().part if outbox is not None else None
         if isinstance(stats, OutboxStatistics):
@@ -688,6 +695,21 @@ def status_of(kind: str, members: list[tuple[str, Health]]) -> str:
             part += f" ({shown})"
         parts.append(part)
     return ", ".join(parts)
+
+
+def cpi_status(health: Health, stats: object, now: float | None = None) -> str:
+    """``CPI ok 2s ago``, ``CPI failing 4min (503)``, ``CPI not reached yet`` or, while the
+    forwarder is down, ``CPI down (<reason>)``."""
+    if health.state is State.DEGRADED:
+        return f"CPI {_short(health.reason)}"
+    if health.state is not State.UP or not isinstance(stats, ForwarderStatistics):
+        return f"CPI {health.state.value}" + (
+            f" ({_short(health.reason)})" if health.reason else ""
+        )
+    if stats.last_success is None:
+        return "CPI not reached yet"
+    ago = max(0, round((time.time() if now is None else now) - stats.last_success))
+    return f"CPI ok {format_duration(ago) if ago else 'just now'}" + (" ago" if ago else "")
 
 
 def _short(reason: str | None) -> str:

@@ -27,6 +27,7 @@ from gateway.app import ComponentSpec, Gateway, Stage, status_of
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.backoff import Backoff
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
+from gateway.forwarder import ForwarderStatistics
 from gateway.hub import Hub
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised
@@ -600,3 +601,30 @@ points = [{{ name = "v", table = "holding", address = 0 }}]
             line
         )
         nursery.cancel_scope.cancel()
+
+
+def test_cpi_status_says_when_cpi_last_answered() -> None:
+    def stats(last_success: float | None) -> ForwarderStatistics:
+        return ForwarderStatistics(
+            batches_delivered=0,
+            readings_delivered=0,
+            requests=0,
+            retries=0,
+            splits=0,
+            dead_letters=0,
+            token_fetches=0,
+            csrf_fetches=0,
+            last_success=last_success,
+            last_failure=None,
+            last_failure_reason=None,
+            failing_since=None,
+        )
+
+    up = Health(State.UP, 0.0)
+    assert app.cpi_status(up, stats(None), now=100.0) == "CPI not reached yet"
+    assert app.cpi_status(up, stats(98.0), now=100.0) == "CPI ok 2s ago"
+    assert app.cpi_status(up, stats(100.0), now=100.0) == "CPI ok just now"
+    failing = Health(State.DEGRADED, 0.0, "failing 4min (503)")
+    assert app.cpi_status(failing, stats(1.0), now=300.0) == "CPI failing 4min (503)"
+    down = Health(State.DOWN, 0.0, "RuntimeError: the outbox is not open")
+    assert app.cpi_status(down, None) == "CPI down (RuntimeError: the outbox is not open)"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from datetime import UTC, datetime
+
 import pytest
 import trio
 import trio.testing
 
-from gateway.core.reading import Reading
+from gateway.core.reading import Reading, iso_utc
 from gateway.core.topics import matches, pattern_problem
 from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow
 
@@ -222,3 +225,15 @@ def test_latest_keeps_the_last_reading_of_each_topic_within_a_bound() -> None:
         assert stats.subscriptions == 2
         assert len(stats.subscribers) == 1  # by name
     assert hub.statistics().subscriptions == 0
+
+
+def test_iso_utc_matches_datetime_to_the_millisecond() -> None:
+    rng = random.Random(7)
+    for i in range(20_000):
+        ts = rng.uniform(946_684_800, 4_102_444_800)
+        if i % 3 == 0:
+            ts = round(ts, 3)
+        if i % 5 == 0:
+            ts = float(int(ts)) + 0.9999995  # rounds up into the next second
+        expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+        assert iso_utc(ts) == expected.replace("+00:00", "Z"), ts
