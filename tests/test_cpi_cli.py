@@ -135,7 +135,7 @@ def test_every_reading_reaches_cpi_once_in_order_across_kill_9(
     (tmp_path / "cpi-secret").write_text("s3cret-of-the-test\n")
     config = gateway_config(cpi_toml(standin.port))
     gw = daemon(config)
-    assert "cpi up" in gw.wait_ready()
+    assert "CPI not reached yet, backlog 0" in gw.wait_ready()
     standin.wait_for(lambda ranges: len(ranges) >= 3)
     gw.proc.kill()  # kill -9: whatever was committed must still arrive
     gw.wait_exit()
@@ -148,6 +148,7 @@ def test_every_reading_reaches_cpi_once_in_order_across_kill_9(
     again.wait_ready()
     # Everything committed before the kill arrives, exactly once after dedupe, in order.
     standin.wait_for(lambda ranges: max(last for _, last in ranges) >= next_seq - 1)
+    again.wait_for_notify(lambda m: "CPI ok" in m)  # the STATUS line says so
     again.send_signal(signal.SIGTERM)
     assert again.wait_exit() == 0
     seqs = standin.seqs()
