@@ -13,8 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 
+from gateway.core.reading import Reading
+from gateway.outbox import Outbox
 from tests.conftest import ROOT, TIMEOUT, Daemon, gateway_command, gateway_env
 
 STANDIN = """
@@ -162,3 +165,53 @@ def test_every_reading_reaches_cpi_once_in_order_across_kill_9(
     assert "no dead letters" in outbox_cli(config, "dead-letters")
     peek = outbox_cli(config, "peek", "3")
     assert len(peek.splitlines()) <= 3
+
+
+@pytest.mark.usefixtures("tls")
+def test_outbox_cli_shows_replays_and_purges_dead_letters(
+    gateway_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "cpi-secret").write_text("s3cret-of-the-test\n")
+    config = gateway_config(cpi_toml(9))
+    path = tmp_path / "state" / "outbox.sqlite3"
+    path.parent.mkdir()
+
+    async def make_dead_letters() -> None:
+        async with await Outbox.open(path) as outbox:
+            await outbox.append(
+                [Reading(f"line-1/boiler/p{i}", i, timestamp=1.7e9) for i in range(5)]
+            )
+            batch = await outbox.next_batch(3, 1_000_000)
+            assert batch is not None
+            await outbox.dead_letter(batch, 404, "Not Found: no iFlow at /http/edge/readings")
+
+    trio.run(make_dead_letters)
+    letters = outbox_cli(config, "dead-letters")
+    assert (
+        "seq 1-3 (3 readings) status 404: 'Not Found: no iFlow at /http/edge/readings'" in letters
+    )
+    assert "backlog: 2 readings" in outbox_cli(config, "stats")
+    assert outbox_cli(config, "replay-dead") == "3 readings put back in front of the backlog\n"
+    assert "backlog: 5 readings" in outbox_cli(config, "stats")
+    assert outbox_cli(config, "peek", "1").startswith("1 line-1/boiler/p0 ")
+    assert outbox_cli(config, "purge-dead") == "0 dead readings deleted\n"
+
+
+@pytest.mark.usefixtures("tls")
+def test_outbox_cli_on_a_missing_outbox_says_so(
+    gateway_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "cpi-secret").write_text("s3cret-of-the-test\n")
+    config = gateway_config(cpi_toml(9))
+    result = subprocess.run(
+        gateway_command("outbox", "--config", str(config), "stats"),
+        cwd=ROOT,
+        env=gateway_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 69
+    assert "no outbox database at" in result.stderr
+    assert not (tmp_path / "state" / "outbox.sqlite3").exists()
