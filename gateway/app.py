@@ -29,6 +29,7 @@ import enum
 import functools
 import gc
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -46,7 +47,7 @@ from gateway.config import Config, ConfigError, restart_needed, state_dir_messag
 from gateway.core import logs
 from gateway.core.backoff import Backoff
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
-from gateway.core.configtypes import format_duration
+from gateway.core.configtypes import Duration, format_duration
 from gateway.core.logs import kv
 from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
@@ -124,8 +125,13 @@ def specs(config: Config, hub: Hub, stores: Stores | None = None) -> list[Compon
     return wanted
 
 
-OUTBOX = "outbox"
-CPI = "cpi"
+LOSS_SHOWN = 60.0
+"""Seconds the outbox shows degraded after it last lost readings."""
+
+OUTBOX = "database"
+"""The outbox component's name (kind ``outbox``): ``outbox database failed: ...``."""
+CPI = "forwarder"
+"""The forwarder's name (kind ``cpi``): ``cpi forwarder failed: ...``."""
 
 
 class OutboxPart:
@@ -140,9 +146,25 @@ class OutboxPart:
         self.outbox: Outbox | None = None
         self._subscription: Subscription | None = None
         self._drained = trio.Event()
+        self._lost_seen = 0
+        self._losing_until = -math.inf
 
     def condition(self) -> Condition:
-        return UP if self.outbox is not None else Condition(State.STARTING)
+        """Degraded while readings are being lost (the hub's buffer overflowing, or a full
+        outbox), and for ``LOSS_SHOWN`` seconds after: the STATUS line must not say all is
+        well while data is discarded."""
+        if self.outbox is None:
+            return Condition(State.STARTING)
+        stats = self.outbox.statistics()
+        lost = stats.dropped_hub + stats.dropped_full + stats.rejected
+        now = trio.current_time()
+        if lost > self._lost_seen:
+            self._lost_seen = lost
+            self._losing_until = now + LOSS_SHOWN
+        if now < self._losing_until:
+            why = "full" if stats.dropped_full or stats.rejected else "disk too slow"
+            return Condition(State.DEGRADED, f"losing readings ({why}; {lost} so far)")
+        return UP
 
     def statistics(self) -> OutboxStatistics | None:
         return self.outbox.statistics() if self.outbox is not None else None
@@ -225,8 +247,11 @@ def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> Compo
         outbox = stores.outbox
         if outbox is None:
             raise RuntimeError("the outbox is not open (see its errors above)")
+        # The batch in flight gets at most half the gateway's whole shutdown time.
+        grace = min(section.shutdown_grace, config.gateway.shutdown_timeout / 2)
+        bounded = attrs.evolve(section, shutdown_grace=Duration(grace))
         return ForwarderPart(
-            Forwarder(section, outbox, gateway=config.gateway.name, progress=progress)
+            Forwarder(bounded, outbox, gateway=config.gateway.name, progress=progress)
         )
 
     def build() -> Supervised:
@@ -238,7 +263,10 @@ def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> Compo
             healthy_after=config.supervisor.healthy_after,
         )
 
-    return ComponentSpec(CPI, "cpi", Stage.CONSUMERS, (section, config.gateway.name), build)
+    # The outbox's settings are part of the key: a reload that reopens the outbox restarts
+    # the forwarder too (first, by stage), so it never holds a closed one.
+    key = (section, config.gateway.name, config.outbox, config.gateway.state_dir)
+    return ComponentSpec(CPI, "cpi", Stage.CONSUMERS, key, build)
 
 
 def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:

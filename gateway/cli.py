@@ -181,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     outbox_parser.add_argument(
         "action", choices=["stats", "peek", "dead-letters", "replay-dead", "purge-dead"]
     )
-    outbox_parser.add_argument("n", nargs="?", type=int, default=10, help="for peek")
+    outbox_parser.add_argument(
+        "n", nargs="?", type=_peek_count, default=10, help="for peek: 1 .. 100000"
+    )
     return parser
 
 
@@ -227,6 +229,16 @@ def check_config(path: Path, *, plan: bool = False) -> int:
         for line in request_plan(config):
             print(line)
     return 0
+
+
+def _peek_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= 100_000:
+        raise argparse.ArgumentTypeError(f"{n} is not from 1 to 100000")
+    return n
 
 
 def outbox_command(path: Path, action: str, n: int) -> int:

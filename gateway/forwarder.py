@@ -175,7 +175,7 @@ def json_payload(gateway: str, batch: Batch) -> bytes:
     head = json.dumps(
         {
             "gateway": gateway,
-            "batch": batch_id(gateway, batch.first_seq, batch.last_seq),
+            "batch": batch_id(gateway, batch.first_seq, batch.last_seq, batch.epoch),
             "first_seq": batch.first_seq,
             "last_seq": batch.last_seq,
             "gaps": [attrs.asdict(g) for g in batch.gaps],
@@ -210,7 +210,7 @@ def xml_payload(
         root,
         {
             "gateway": _xml_text(gateway),
-            "batch": _xml_text(batch_id(gateway, batch.first_seq, batch.last_seq)),
+            "batch": _xml_text(batch_id(gateway, batch.first_seq, batch.last_seq, batch.epoch)),
             "firstSeq": str(batch.first_seq),
             "lastSeq": str(batch.last_seq),
         },
@@ -290,7 +290,10 @@ def classify(status: int, body: bytes) -> Verdict:
 
 
 def _excerpt(body: bytes) -> str:
-    return body[: EXCERPT * 4].decode("utf-8", "replace")[:EXCERPT]
+    """The start of an answer, safe for a log line: control characters (a NUL, a carriage
+    return) are escaped."""
+    text = body[: EXCERPT * 4].decode("utf-8", "replace")[:EXCERPT]
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -502,7 +505,9 @@ class Forwarder:
         if self._in_flight.cancelled_caught:  # only a stop's grace deadline lands here
             log.warning(
                 "stopped before CPI answered: the batch stays in the outbox for the next start",
-                extra=kv(batch=batch_id(self.gateway, batch.first_seq, batch.last_seq)),
+                extra=kv(
+                    batch=batch_id(self.gateway, batch.first_seq, batch.last_seq, batch.epoch)
+                ),
             )
         self._in_flight = None
         if self._stopping:
@@ -514,7 +519,7 @@ class Forwarder:
 
     async def _deliver(self, batch: Batch) -> float:
         """Send ``batch`` once and act on the answer; the delay before the next attempt."""
-        bid = batch_id(self.gateway, batch.first_seq, batch.last_seq)
+        bid = batch_id(self.gateway, batch.first_seq, batch.last_seq, batch.epoch)
         context = {"batch": bid, "readings": len(batch.readings)}
         body, content_type = payload(self.section, self.gateway, batch)
         try:
@@ -613,7 +618,11 @@ class Forwarder:
             return
         try:
             data = json.loads(response.content)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested beyond any real answer
+            log.warning(
+                "CPI's answer looks like JSON but cannot be read: commands in it are ignored",
+                extra=kv(batch=bid),
+            )
             return
         commands = data.get("commands") if isinstance(data, dict) else None
         if isinstance(commands, list) and commands:

@@ -43,6 +43,7 @@ import functools
 import logging
 import math
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -136,6 +137,12 @@ class OutboxSection:
         """``(path, message)`` below ``outbox`` for every problem."""
         if not self.file or "\0" in self.file:
             yield "file", "give a file name, e.g. 'outbox.sqlite3'"
+        elif not os.path.isabs(self.file) and os.sep in self.file:
+            yield (
+                "file",
+                f"{self.file!r}: give a file name (it goes into gateway.state_dir) or an "
+                "absolute path",
+            )
         elif self.file.endswith(("/", os.sep)):
             yield "file", f"{self.file!r} is a directory: give a file name"
         if not 0 < self.commit_interval <= 10:
@@ -202,6 +209,10 @@ class OutboxStatistics:
 def _is_corruption(e: sqlite3.Error) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _new_epoch() -> int:
+    return secrets.randbelow(2**31 - 1) + 1
 
 
 def _runs(seqs: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -336,7 +347,7 @@ class _Store:
                         conn.execute(statement)
                 conn.executemany(
                     "INSERT INTO meta VALUES (?, ?)",
-                    [("schema", SCHEMA_VERSION), ("next_seq", 1)],
+                    [("schema", SCHEMA_VERSION), ("next_seq", 1), ("epoch", _new_epoch())],
                 )
                 conn.execute("COMMIT")
             except BaseException:
@@ -399,6 +410,8 @@ class _Store:
         self.in_flight = c.execute("SELECT count(*) FROM in_flight").fetchone()[0]
         meta = c.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
         self.next_seq = max(meta, (newest or 0) + 1, (dmax or 0) + 1)
+        epoch = c.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        self.epoch: int = epoch[0] if epoch is not None else 0
         self.file_bytes = self._file_bytes()
 
     def check_external(self) -> None:
@@ -593,7 +606,14 @@ class _Store:
                 self._transaction(functools.partial(self._forget, first))
                 continue
             c.execute("UPDATE in_flight SET attempts = attempts + 1 WHERE first_seq = ?", (first,))
-            return Batch(first, last, readings, sent_before=attempts > 0, gaps=self._gaps(first))
+            return Batch(
+                first,
+                last,
+                readings,
+                sent_before=attempts > 0,
+                gaps=self._gaps(first),
+                epoch=self.epoch,
+            )
 
     def _forget(self, first: int) -> None:
         self.conn.execute("DELETE FROM in_flight WHERE first_seq = ?", (first,))
@@ -647,7 +667,9 @@ class _Store:
 
         self._transaction(record)
         self.in_flight += 1
-        return Batch(first, last, tuple(chosen), sent_before=False, gaps=self._gaps(first))
+        return Batch(
+            first, last, tuple(chosen), sent_before=False, gaps=self._gaps(first), epoch=self.epoch
+        )
 
     def _recorded(self, batch: Batch) -> None:
         row = self.conn.execute(

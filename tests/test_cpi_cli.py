@@ -152,6 +152,16 @@ def test_every_reading_reaches_cpi_once_in_order_across_kill_9(
     # Everything committed before the kill arrives, exactly once after dedupe, in order.
     standin.wait_for(lambda ranges: max(last for _, last in ranges) >= next_seq - 1)
     again.wait_for_notify(lambda m: "CPI ok" in m)  # the STATUS line says so
+    # A reload that reopens the outbox restarts the forwarder with it: nothing fails, and
+    # readings keep arriving.
+    before = max(last for _, last in standin.ranges)
+    config.write_text(
+        config.read_text().replace('commit_interval = "20ms"', 'commit_interval = "30ms"')
+    )
+    again.send_signal(signal.SIGHUP)
+    again.wait_for_log("reloaded")
+    standin.wait_for(lambda ranges: max(last for _, last in ranges) > before + 20)
+    assert not [line for line in again.lines if " failed" in line or "Traceback" in line]
     again.send_signal(signal.SIGTERM)
     assert again.wait_exit() == 0
     seqs = standin.seqs()

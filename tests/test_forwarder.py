@@ -22,6 +22,7 @@ import pytest
 import trio
 import trustme
 
+from gateway import forwarder
 from gateway.core.batches import Batch, BatchSource, Gap, StoredReading, batch_id
 from gateway.core.component import State
 from gateway.core.configtypes import Duration, Secret, Size
@@ -704,3 +705,7 @@ def test_section_check(tls_files: dict[str, Path]) -> None:
     }
     cert = attrs.evolve(good, auth="client-certificate")
     assert {k for k, _ in cert.check()} == {"cert_file", "key_file"}
+
+
+def test_an_excerpt_of_an_answer_is_safe_for_a_log_line() -> None:
+    assert forwarder._excerpt(b"bad \x00\r\x1b[2J bytes\xff") == "bad \\x00\\r\\x1b[2J bytes\ufffd"

@@ -14,12 +14,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 from gateway import outbox as outbox_mod
-from gateway.core.batches import Gap
+from gateway.core.batches import Gap, batch_id
 from gateway.core.reading import Reading
 from gateway.hub import Hub
 from gateway.outbox import (
@@ -75,7 +76,7 @@ async def test_append_next_batch_confirm_in_order(db: Path) -> None:
 
         # Until confirmed, the same batch comes back, marked as a retry, whatever the limits.
         again = await box.next_batch(100, 10_000)
-        assert again == first.__class__(1, 4, first.readings, sent_before=True)
+        assert again == attrs.evolve(first, sent_before=True)
         await box.confirm(again)
         with pytest.raises(OutboxError, match="not in flight"):
             await box.confirm(again)
@@ -623,3 +624,27 @@ async def test_cli_is_safe_while_the_daemon_writes(db: Path) -> None:
     assert seqs[:3] == [1, 2, 3]  # replayed, ahead of the writer's readings
     assert seqs[3] == 4 == committed[0][0]
     assert seqs[-1] >= committed[-1][1]
+
+
+async def test_a_database_made_anew_gives_its_batches_new_ids(tmp_path: Path) -> None:
+    # Its seqs start at 1 again: the same range must not get an id CPI already took.
+    ids = []
+    for attempt in range(2):
+        path = tmp_path / str(attempt) / "outbox.sqlite3"
+        path.parent.mkdir()
+        async with await Outbox.open(path) as outbox:
+            await outbox.append([Reading("line-1/m/p", 1, timestamp=1.7e9)])
+            batch = await outbox.next_batch(10, 1_000_000)
+            assert batch is not None
+            assert (batch.first_seq, batch.last_seq) == (1, 1)
+            ids.append(batch_id("gw", batch.first_seq, batch.last_seq, batch.epoch))
+        async with await Outbox.open(path) as outbox:  # the same database: the same id
+            batch = await outbox.next_batch(10, 1_000_000)
+            assert batch is not None
+            assert batch_id("gw", 1, 1, batch.epoch) == ids[-1]
+    assert ids[0] != ids[1]
+
+
+def test_outbox_file_is_a_name_in_the_state_dir_or_an_absolute_path() -> None:
+    assert [k for k, _ in OutboxSection(file="x/y.sqlite3").check()] == ["file"]
+    assert list(OutboxSection(file="/var/lib/other/outbox.sqlite3").check()) == []

@@ -47,16 +47,21 @@ class Batch:
     sent_before: bool = False
     """Handed out before and not confirmed: a retry (after a failure or a restart)."""
     gaps: tuple[Gap, ...] = ()
+    epoch: int = 0
+    """Random, made with the outbox database: a database made anew (the old one corrupt,
+    deleted, moved) starts its seqs at 1 again, and its batches must not get the ids of
+    batches CPI already took (its idempotent call would drop them as duplicates)."""
 
     @property
     def size(self) -> int:
         return sum(len(r.payload) for r in self.readings)
 
 
-def batch_id(gateway: str, first_seq: int, last_seq: int) -> str:
-    """Stable across retries and restarts: the same range always has the same id. Readable
-    in CPI's monitoring (``SAP_ApplicationID`` shows 120 characters)."""
-    digest = hashlib.sha256(f"{gateway}\0{first_seq}\0{last_seq}".encode()).hexdigest()[:12]
+def batch_id(gateway: str, first_seq: int, last_seq: int, epoch: int = 0) -> str:
+    """Stable across retries and restarts: the same range of the same database always has
+    the same id. Readable in CPI's monitoring (``SAP_ApplicationID`` shows 120 characters)."""
+    key = f"{gateway}\0{first_seq}\0{last_seq}\0{epoch}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
     return f"{gateway[:60]}-{first_seq}-{last_seq}-{digest}"
 
 
