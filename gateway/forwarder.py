@@ -488,7 +488,8 @@ class Forwarder:
 
     async def _round(self) -> None:
         await self.source.wait_pending()
-        if not self._backlogged and self.section.linger > 0:
+        # Linger gathers a new batch; a retry (after a failure) goes when its backoff says.
+        if not self._backlogged and not self._failures and self.section.linger > 0:
             await trio.sleep(self.section.linger)
         batch = await self.source.next_batch(
             self.section.batch_max_readings, self.section.batch_max_bytes

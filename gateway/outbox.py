@@ -173,7 +173,7 @@ class OutboxFull(OutboxError):
     def __init__(self, count: int, max_bytes: int) -> None:
         super().__init__(
             f"outbox full: {count} readings refused (max_bytes {max_bytes} reached, policy "
-            "reject); they are stored again once CPI accepts the backlog"
+            "reject); new readings are stored again once CPI has taken some of the backlog"
         )
         self.count = count
 
