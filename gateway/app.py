@@ -43,7 +43,7 @@ from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
 from gateway import localendpoint
-from gateway.config import Config, ConfigError, restart_needed, state_dir_message
+from gateway.config import EX_CONFIG, Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
 from gateway.core.backoff import Backoff
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
@@ -54,7 +54,7 @@ from gateway.deviceauth import DevicePlaneSection
 from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
 from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics
 from gateway.hub import Hub, HubStatistics, OverflowPolicy, Subscription, Watermark
-from gateway.outbox import Outbox, OutboxStatistics
+from gateway.outbox import Outbox, OutboxError, OutboxStatistics
 from gateway.sdnotify import Notifier
 from gateway.supervisor import Supervised, SupervisedStatistics, describe_error
 
@@ -170,7 +170,13 @@ class OutboxPart:
         return self.outbox.statistics() if self.outbox is not None else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        outbox = await Outbox.open(self.path, self.section)
+        try:
+            outbox = await Outbox.open(self.path, self.section)
+        except OutboxError as e:
+            # A missing directory, no permission, a file that is not an outbox: only a person
+            # can fix it, so exit 78 (systemd does not restart), not 69 and a retry loop. (A
+            # corrupt database does not land here: it is moved aside and a fresh one made.)
+            raise StartupError(f"outbox: {e}", EX_CONFIG) from None
         try:
             self.outbox = self.stores.outbox = outbox
             self._subscription = self.hub.subscribe(

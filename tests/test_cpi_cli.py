@@ -225,3 +225,16 @@ def test_outbox_cli_on_a_missing_outbox_says_so(
     assert result.returncode == 69
     assert "no outbox database at" in result.stderr
     assert not (tmp_path / "state" / "outbox.sqlite3").exists()
+
+
+@pytest.mark.usefixtures("tls")
+def test_an_outbox_that_cannot_be_opened_ends_the_gateway_with_78(
+    daemon: Callable[..., Daemon], gateway_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "cpi-secret").write_text("s3cret-of-the-test\n")
+    missing = tmp_path / "no-such-dir" / "outbox.sqlite3"
+    gw = daemon(gateway_config(cpi_toml(9) + f"file = '{missing}'\n"))
+    assert gw.wait_exit() == 78  # systemd does not restart: a person must fix it
+    line = gw.wait_for_log("cannot start:")
+    assert f"outbox: cannot create the outbox database {missing}" in line
+    assert "(exit 78)" in line
