@@ -504,7 +504,18 @@ def state_dir_problems(config: Config) -> list[tuple[str, str]]:
     yet and its nearest existing parent is one (so ``run`` can create it)."""
     path = config.gateway.state_dir
     reason = _state_dir_reason(Path(path))
-    return [("gateway.state_dir", state_dir_message(path, reason))] if reason else []
+    problems = [("gateway.state_dir", state_dir_message(path, reason))] if reason else []
+    outbox = Path(config.outbox.file)
+    if config.cpi is not None and outbox.is_absolute() and not outbox.parent.is_dir():
+        # In the state directory it is created with it; elsewhere its directory must exist.
+        problems.append(
+            (
+                "outbox.file",
+                f"{str(outbox)!r}: the directory {str(outbox.parent)!r} does not exist: "
+                "create it for the gateway's user, or leave a file name (in state_dir)",
+            )
+        )
+    return problems
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -23,6 +24,7 @@ from tests.conftest import ROOT, TIMEOUT, Daemon, gateway_command, gateway_env
 STANDIN = """
 import functools, sys, trio
 from pathlib import Path
+from typing import Any
 from gateway.cpistandin import CpiStandIn, serve_standin
 
 async def main():
@@ -238,3 +240,17 @@ def test_an_outbox_that_cannot_be_opened_ends_the_gateway_with_78(
     line = gw.wait_for_log("cannot start:")
     assert f"outbox: cannot create the outbox database {missing}" in line
     assert "(exit 78)" in line
+
+
+@pytest.mark.usefixtures("tls")
+def test_check_config_finds_an_outbox_in_a_missing_directory(
+    gateway_config: Callable[..., Path], tmp_path: Path, run_gateway: Callable[..., Any]
+) -> None:
+    (tmp_path / "cpi-secret").write_text("s3cret-of-the-test\n")
+    missing = tmp_path / "no-such-dir" / "outbox.sqlite3"
+    config = gateway_config(cpi_toml(9) + f"file = '{missing}'\n")
+    result = run_gateway("check-config", "--config", str(config))
+    assert result.returncode == 78
+    assert f"outbox.file: '{missing}': the directory '{missing.parent}' does not exist" in (
+        result.stderr
+    )
