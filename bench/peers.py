@@ -17,9 +17,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Literal
 
 import trio
@@ -80,35 +81,54 @@ Kind = Literal["tcp", "rtu"]
 
 
 @contextmanager
-def server_process(kind: Kind) -> Iterator[str]:
-    """Run the server until the block ends. Yields where to reach it: the TCP port (as a
-    string) or the tty path for the client side of the serial line."""
+def spawned(
+    target: Callable[..., None],
+    args: tuple[object, ...],
+    name: str,
+    *,
+    stop: object,
+    ready_timeout: float = READY_TIMEOUT,
+    stop_timeout: float = STOP_TIMEOUT,
+) -> Iterator[tuple[BaseProcess, Connection, object]]:
+    """Run ``target(*args, conn)`` in a spawned process that answers ``("ready", where)`` on
+    ``conn`` once serving (or anything else with the reason it could not start); yields the
+    process, our end of the pipe and ``where``. At the end sends ``stop``, then terminates
+    what is still running."""
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
-    process = ctx.Process(target=_main, args=(kind, theirs), name=f"modbus-{kind}-server")
+    process = ctx.Process(target=target, args=(*args, theirs), name=name)
     process.start()
     theirs.close()
     try:
-        if not ours.poll(READY_TIMEOUT):
-            raise RuntimeError(f"the {kind} server did not start within {READY_TIMEOUT:g}s")
+        if not ours.poll(ready_timeout):
+            raise RuntimeError(f"the {name} server did not start within {ready_timeout:g}s")
         try:
             status, where = ours.recv()
         except EOFError:
-            process.join(STOP_TIMEOUT)
+            process.join(stop_timeout)
             raise RuntimeError(
-                f"the {kind} server exited while starting (exit code {process.exitcode})"
+                f"the {name} server exited while starting (exit code {process.exitcode})"
             ) from None
         if status != "ready":
-            raise RuntimeError(f"the {kind} server failed to start: {where}")
-        yield where
+            raise RuntimeError(f"the {name} server failed to start: {where}")
+        yield process, ours, where
     finally:
         with suppress(OSError):  # it is gone already
-            ours.send("stop")
-        process.join(STOP_TIMEOUT)
+            ours.send(stop)
+        process.join(stop_timeout)
         if process.is_alive():
             process.terminate()
-            process.join(STOP_TIMEOUT)
+            process.join(stop_timeout)
         ours.close()
+
+
+@contextmanager
+def server_process(kind: Kind) -> Iterator[str]:
+    """Run the server until the block ends. Yields where to reach it: the TCP port (as a
+    string) or the tty path for the client side of the serial line."""
+    with spawned(_main, (kind,), f"modbus-{kind}", stop="stop") as (_, _, where):
+        assert isinstance(where, str)
+        yield where
 
 
 def quiet_pymodbus() -> None:

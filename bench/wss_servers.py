@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import attrs
 
-from bench.peers import pin
+from bench.peers import pin, spawned
 
 Side = Literal["ours", "peer"]
 SIDES: tuple[Side, ...] = ("ours", "peer")
@@ -188,35 +188,17 @@ class ServerProcess:
 def server_process(side: Side, certs: Certs, *, queue: int = 10_000) -> Iterator[ServerProcess]:
     """Run the ``side`` server until the block ends. ``queue``: readings per client queued
     in ours before it drops the oldest (the peer has no queue: it waits for every send)."""
-    ctx = multiprocessing.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    process = ctx.Process(
-        target=_main, args=(side, certs, queue, theirs), name=f"wss-{side}-server"
-    )
-    process.start()
-    theirs.close()
-    try:
-        if not ours.poll(READY_TIMEOUT):
-            raise RuntimeError(f"the {side} server did not start within {READY_TIMEOUT:g}s")
-        try:
-            status, where = ours.recv()
-        except EOFError:
-            process.join(STOP_TIMEOUT)
-            raise RuntimeError(
-                f"the {side} server exited while starting (exit code {process.exitcode})"
-            ) from None
-        if status != "ready":
-            raise RuntimeError(f"the {side} server failed to start: {where}")
+    with spawned(
+        _main,
+        (side, certs, queue),
+        f"wss-{side}",
+        stop=("stop",),
+        ready_timeout=READY_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT * 2,
+    ) as (process, ours, where):
         assert process.pid is not None
-        yield ServerProcess(side, int(where), process.pid, ours)
-    finally:
-        with suppress(OSError):  # it is gone already
-            ours.send(("stop",))
-        process.join(STOP_TIMEOUT * 2)
-        if process.is_alive():
-            process.terminate()
-            process.join(STOP_TIMEOUT)
-        ours.close()
+        assert isinstance(where, int)
+        yield ServerProcess(side, where, process.pid, ours)
 
 
 class ClientGroup:
