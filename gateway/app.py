@@ -53,10 +53,10 @@ from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
 from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
 from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics
-from gateway.hub import Hub, HubStatistics, OverflowPolicy, Subscription, Watermark
+from gateway.hub import Hub, OverflowPolicy, Subscription, Watermark
 from gateway.outbox import Outbox, OutboxError, OutboxStatistics
 from gateway.sdnotify import Notifier
-from gateway.supervisor import Supervised, SupervisedStatistics, describe_error
+from gateway.supervisor import GatewayStatistics, Supervised, describe_error
 
 log = logging.getLogger("gateway")
 
@@ -425,12 +425,6 @@ class Components:
     def get(self, name: str) -> Supervised | None:
         running = self._running.get(name)
         return running.component if running else None
-
-
-@attrs.frozen
-class GatewayStatistics:
-    hub: HubStatistics
-    components: tuple[SupervisedStatistics, ...]
 
 
 class Phase(enum.Enum):

@@ -32,6 +32,7 @@ import trio
 from gateway.core.backoff import Backoff
 from gateway.core.component import Condition, Health, StartPolicy, StartupError, State
 from gateway.core.logs import kv
+from gateway.hub import HubStatistics
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -70,6 +71,14 @@ class SupervisedStatistics:
     restarts: int
     part: object | None
     """The current attempt's own ``statistics()``, None between attempts."""
+
+
+@attrs.frozen
+class GatewayStatistics:
+    """The whole gateway, as ``/readyz``, ``/metrics`` and the status page read it."""
+
+    hub: HubStatistics
+    components: tuple[SupervisedStatistics, ...]
 
 
 class Supervised:

@@ -1,0 +1,1 @@
+"""Placeholder while issue 9 is built."""
