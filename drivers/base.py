@@ -12,7 +12,8 @@ import-linter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import difflib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import attrs
@@ -24,7 +25,35 @@ from gateway.core.reading import Reading, Value
 
 
 class WriteError(Exception):
-    """A write that cannot be done; the message says why and what to change."""
+    """A write (or an on-demand read) that cannot be done; the message says why and what to
+    change."""
+
+
+class UnknownPoint(WriteError):
+    """The target names no point of this bus (an unknown device or point)."""
+
+
+def unknown_point(bus: str, target: str, points: Iterable[str]) -> UnknownPoint:
+    """The ``UnknownPoint`` for a ``target`` (``device/point``) that is none of ``points``
+    (the bus's ``device/point`` names): suggests the closest names, or else lists the bus's
+    devices or the device's points, so the caller can see what to send instead."""
+    known = list(points)
+    devices = list(dict.fromkeys(p.partition("/")[0] for p in known))
+    device = target.partition("/")[0]
+    guesses = difflib.get_close_matches(target, known, n=2)
+    if guesses:
+        hint = f"did you mean {' or '.join(repr(g) for g in guesses)}?"
+    elif device in devices:
+        names = [p.partition("/")[2] for p in known if p.partition("/")[0] == device]
+        hint = f"the points of {device!r} are {_listing(names)}"
+    else:
+        hint = f"its devices are {_listing(devices)}" if devices else "it has no devices"
+    return UnknownPoint(f"bus {bus!r} has no point {target!r}; {hint}")
+
+
+def _listing(names: list[str], most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
 
 
 @attrs.frozen
@@ -66,6 +95,14 @@ class BusConfig(Protocol):
         ``10.0.0.5:502``, ``simulated``."""
         ...
 
+    def check_write(self, target: str, value: Value) -> None:
+        """Whether the bus's ``write`` would accept ``value`` for ``target``
+        (``device/point``), from the config alone: no I/O. Raises ``UnknownPoint`` when no
+        such device or point is configured, ``WriteError`` when the point is not writable or
+        the value has the wrong type or is out of range; the message is the one ``write``
+        gives for the same case."""
+        ...
+
 
 class Bus(Protocol):
     name: str
@@ -76,7 +113,15 @@ class Bus(Protocol):
         ...
 
     async def write(self, target: str, value: Value) -> None:
-        """Write ``value`` to ``device/point``; raises ``WriteError`` with a clear reason."""
+        """Write ``value`` to ``device/point``; raises ``UnknownPoint`` or ``WriteError``
+        with a clear reason (first every check ``BusConfig.check_write`` makes, then I/O
+        failures: no response, disconnected, refused by the device)."""
+        ...
+
+    async def read(self, target: str) -> Value:
+        """Read ``device/point`` now, from the device (to read back a write); raises
+        ``UnknownPoint``, or ``WriteError`` for I/O failures as ``write`` does, or when the
+        bus cannot read on demand."""
         ...
 
     def condition(self) -> Condition:

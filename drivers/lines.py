@@ -47,12 +47,12 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from string import hexdigits
 from types import FrameType
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
 
 import attrs
 import trio
 
-from drivers.base import BusContext, WriteError
+from drivers.base import BusContext, WriteError, unknown_point
 from drivers.serialio import DeviceGone, PortError, PortSettings, SerialPort, SerialPortConfig
 from gateway.core.backoff import Backoff
 from gateway.core.component import UP, Condition, State
@@ -259,6 +259,23 @@ class SerialLineBusConfig(SerialPortConfig):
     def topics(self) -> Iterator[str]:
         for p in self.points:
             yield self.topic(p)
+
+    def point(self, target: str) -> LinePointConfig:
+        """The point ``target`` (``device/point``) names; raises ``UnknownPoint``."""
+        device, _, name = target.partition("/")
+        for p in self.points:
+            if device == self.device and p.name == name:
+                return p
+        known = (f"{self.device}/{p.name}" for p in self.points)
+        raise unknown_point(self.name, target, known)
+
+    def check_write(self, target: str, value: Value) -> NoReturn:
+        """Refuses every write: ``UnknownPoint`` for a point that does not exist,
+        ``WriteError`` for one that does (line sensors only send)."""
+        self.point(target)
+        raise WriteError(
+            f"{self.name}/{target} is on a serial-line bus; line sensors are read-only"
+        )
 
     def silence_window(self) -> float:
         """Seconds without a valid line (or a needed NMEA sentence) before points read bad."""
@@ -1199,10 +1216,17 @@ class SerialLineBus:
         self._bad_log_at = now
         self._bad_unlogged = 0
 
-    async def write(self, target: str, value: Value) -> None:
+    async def write(self, target: str, value: Value) -> NoReturn:
         await trio.lowlevel.checkpoint()
+        self.config.check_write(target, value)
+
+    async def read(self, target: str) -> NoReturn:
+        """Refuses: the sensor sends when it sends (or when polled on its schedule)."""
+        await trio.lowlevel.checkpoint()
+        self.config.point(target)
         raise WriteError(
-            f"{self.name}/{target} is on a serial-line bus; line sensors are read-only"
+            f"{self.name}/{target} is on a serial-line bus: line sensors cannot be read on "
+            "demand; their latest value is in the hub (the bus publishes every line)"
         )
 
     def condition(self) -> Condition:

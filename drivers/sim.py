@@ -15,7 +15,7 @@ from typing import Literal
 import attrs
 import trio
 
-from drivers.base import BusContext, WriteError
+from drivers.base import BusContext, WriteError, unknown_point
 from gateway.core.component import UP, Condition
 from gateway.core.configtypes import Duration, Name, duplicate_names
 from gateway.core.reading import Reading, Value
@@ -68,6 +68,34 @@ class SimBusConfig:
     def describe(self) -> str:
         return "simulated"
 
+    def point(self, target: str) -> SimPointConfig:
+        """The point ``target`` (``device/point``) names; raises ``UnknownPoint``."""
+        device_name, _, point_name = target.partition("/")
+        for d in self.devices:
+            if d.name == device_name:
+                for p in d.points:
+                    if p.name == point_name:
+                        return p
+        known = (f"{d.name}/{p.name}" for d in self.devices for p in d.points)
+        raise unknown_point(self.name, target, known)
+
+    def check_write(self, target: str, value: Value) -> None:
+        """Only setpoints are writable, with a number in low..high (``SimBus.write`` applies
+        exactly this)."""
+        point = self.point(target)
+        where = f"{self.name}/{target}"
+        if point.signal != "setpoint":
+            raise WriteError(f"{where} is a {point.signal} signal; only setpoints are writable")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WriteError(
+                f"{where} takes a number, got {value!r}; send a number in {point.low}..{point.high}"
+            )
+        if not point.low <= value <= point.high:  # NaN too: it compares false
+            raise WriteError(
+                f"{value} is outside {where}'s range {point.low}..{point.high}; send a number "
+                "in that range"
+            )
+
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.devices:
             yield "devices", "a sim bus needs at least one [[buses.devices]] table"
@@ -102,6 +130,9 @@ class _SimPoint:
         self.interval = interval
         self.rng = random.Random(zlib.crc32(topic.encode()))
         self.value = config.low
+        # What a read before the first poll gives: the first sample, without taking it (a
+        # random walk would move).
+        self.latest: Value = config.low if config.signal == "random-walk" else self.sample(0)
 
     def sample(self, n: int) -> Value:
         c = self.config
@@ -147,7 +178,8 @@ class SimBus:
         n = 0
         while True:
             for point in points:
-                self.context.publish(Reading(point.topic, point.sample(n), unit=point.config.unit))
+                point.latest = point.sample(n)
+                self.context.publish(Reading(point.topic, point.latest, unit=point.config.unit))
             self.polls += 1
             self.context.progress()
             deadline += device.interval
@@ -162,22 +194,16 @@ class SimBus:
 
     async def write(self, target: str, value: Value) -> None:
         await trio.lowlevel.checkpoint()
-        point = self._points.get(target)
-        if point is None:
-            raise WriteError(f"bus {self.name!r} has no point {target!r}")
-        if point.config.signal != "setpoint":
-            raise WriteError(
-                f"{self.name}/{target} is a {point.config.signal} signal; only setpoints are "
-                "writable"
-            )
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WriteError(f"{self.name}/{target} takes a number, got {value!r}")
-        if not point.config.low <= value <= point.config.high:
-            raise WriteError(
-                f"{value} is outside {self.name}/{target}'s range "
-                f"{point.config.low}..{point.config.high}"
-            )
-        point.value = float(value)
+        self.config.check_write(target, value)
+        assert isinstance(value, int | float)  # check_write lets only numbers through
+        point = self._points[target]
+        point.value = point.latest = float(value)
+
+    async def read(self, target: str) -> Value:
+        """The point's current value: what a setpoint holds, the latest sample of others."""
+        await trio.lowlevel.checkpoint()
+        self.config.point(target)  # UnknownPoint, with the closest names
+        return self._points[target].latest
 
     def condition(self) -> Condition:
         return UP

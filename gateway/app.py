@@ -9,7 +9,10 @@
         │   │                       with [cpi] only), subscribed before any producer starts
         │   ├── bus <name>...       stage producers: one Supervised per configured bus
         │   ├── devices             stage producers: the wss device plane (required)
-        │   └── cpi                 stage consumers: the forwarder, batches from the outbox
+        │   ├── cpi                 stage consumers: the forwarder, batches from the outbox
+        │   ├── api                 stage api: the HTTPS management and command API
+        │   └── commands            stage commands: the command router and its SQLite store
+        │                           (with [api] or [cpi]: commands come from either)
         ├── watchdog                WATCHDOG=1 while the loop runs and no component is stuck
         ├── status                  STATUS= line every gateway.status_interval
         └── extras                  e.g. the demo's console; each gets the hub, nothing more
@@ -17,8 +20,8 @@
 Components are started in the order ``specs`` lists them and stopped by stage: producers
 first (buses, and the device plane, whose clients also publish), then the forwarder gets a
 moment for the batch in flight, then the outbox commits everything the hub still holds and
-closes, then the API. Watchdog, STATUS line, reload and (later) ``/readyz`` and ``/metrics``
-read components only through ``gateway.core.component``'s model.
+closes, then the API, then the command router. Watchdog, STATUS line, reload, ``/readyz``
+and ``/metrics`` read components only through ``gateway.core.component``'s model.
 
 This module and the config loader are the only ones that import ``drivers``.
 """
@@ -38,21 +41,25 @@ from pathlib import Path
 import attrs
 import trio
 
-from drivers.base import BusConfig, BusContext
+from drivers.base import Bus, BusConfig, BusContext, UnknownPoint, WriteError
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
 from gateway import localendpoint
+from gateway.api import Api, ApiSection, ApiServices, LiveAccess
+from gateway.commands import CommandLimits, CommandRouter
 from gateway.config import EX_CONFIG, Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
 from gateway.core.backoff import Backoff
+from gateway.core.commands import CommandRejected, ModbusTarget, Unavailable
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
 from gateway.core.configtypes import Duration, format_duration
 from gateway.core.logs import kv
+from gateway.core.reading import Reading, Value
 from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
 from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
-from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics
+from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics, log_commands
 from gateway.hub import Hub, OverflowPolicy, Subscription, Watermark
 from gateway.outbox import Outbox, OutboxError, OutboxStatistics
 from gateway.sdnotify import Notifier
@@ -80,6 +87,9 @@ class Stage(enum.IntEnum):
     CONNECTIONS = 4
     """Outgoing connections not covered above (none yet)."""
     API = 5
+    """The management API: it answers until the end (``/readyz`` says the gateway stops)."""
+    COMMANDS = 6
+    """The command router, last: the API hands it commands until the API has stopped."""
 
 
 @attrs.frozen
@@ -103,25 +113,42 @@ def supervisor_backoff(config: Config) -> Backoff:
 
 @attrs.define
 class Stores:
-    """What components share across reloads: the open outbox, for the forwarder."""
+    """What components share across reloads: the open outbox (for the forwarder), the
+    command router (for the API, the forwarder and the device plane) and the device plane
+    (for the router and the API)."""
 
     outbox: Outbox | None = None
     watermark: Watermark | None = None
     """How far the outbox has committed what the hub published (device acks wait for it)."""
+    router: CommandRouter | None = None
+    device_plane: DevicePlane | None = None
 
 
-def specs(config: Config, hub: Hub, stores: Stores | None = None) -> list[ComponentSpec]:
+def specs(
+    config: Config,
+    hub: Hub,
+    stores: Stores | None = None,
+    components: Components | None = None,
+    services: ApiServices | None = None,
+) -> list[ComponentSpec]:
     """Every component of ``config`` in start order: the outbox first, so that it is
-    subscribed before any reading is published. The API joins this list when it lands."""
+    subscribed before any reading is published; the command router before the device plane
+    (which hands it acks) and the forwarder (commands in CPI's answers); the API last.
+    ``components`` are the running ones, for the router's way to the buses; ``services``
+    what the API reads (``Gateway`` passes both)."""
     stores = stores if stores is not None else Stores()
     wanted: list[ComponentSpec] = []
     if config.cpi is not None:
         wanted.append(outbox_spec(config, hub, stores))
+    if (config.api is not None or config.cpi is not None) and components is not None:
+        wanted.append(commands_spec(config, stores, components))
     wanted.extend(bus_spec(bus, config, hub) for bus in config.buses)
     if config.device_plane is not None:
         wanted.append(device_plane_spec(config.device_plane, config, hub, stores))
     if config.cpi is not None:
         wanted.append(forwarder_spec(config.cpi, config, stores))
+    if config.api is not None and services is not None:
+        wanted.append(api_spec(config.api, config, services))
     return wanted
 
 
@@ -256,8 +283,15 @@ def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> Compo
         # The batch in flight gets at most half the gateway's whole shutdown time.
         grace = min(section.shutdown_grace, config.gateway.shutdown_timeout / 2)
         bounded = attrs.evolve(section, shutdown_grace=Duration(grace))
+        router = stores.router
         return ForwarderPart(
-            Forwarder(bounded, outbox, gateway=config.gateway.name, progress=progress)
+            Forwarder(
+                bounded,
+                outbox,
+                gateway=config.gateway.name,
+                progress=progress,
+                command_router=router.from_cpi if router is not None else log_commands,
+            )
         )
 
     def build() -> Supervised:
@@ -270,7 +304,8 @@ def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> Compo
         )
 
     # The outbox's settings are part of the key: a reload that reopens the outbox restarts
-    # the forwarder too (first, by stage), so it never holds a closed one.
+    # the forwarder too (first, by stage), so it never holds a closed one; the same for the
+    # command router's database, where CPI's commands go.
     key = (section, config.gateway.name, config.outbox, config.gateway.state_dir)
     return ComponentSpec(CPI, "cpi", Stage.CONSUMERS, key, build)
 
@@ -299,13 +334,17 @@ def device_plane_spec(
 
     def make(progress: Callable[[], None]) -> DevicePlane:
         directory = localendpoint.directory() if section.local_access else None
-        return DevicePlane(
+        plane = DevicePlane(
             section,
             hub,
             shutdown_timeout=config.gateway.shutdown_timeout / 2,
             local_endpoint_dir=directory,
             watermark=lambda: stores.watermark if stores is not None else None,
+            commands=lambda: stores.router if stores is not None else None,
         )
+        if stores is not None:
+            stores.device_plane = plane
+        return plane
 
     def build() -> Supervised:
         return Supervised(
@@ -330,6 +369,132 @@ def device_plane_spec(
         build,
         update,
     )
+
+
+COMMANDS = "commands"
+"""The command router's name (kind ``commands``)."""
+COMMANDS_FILE = "commands.sqlite"
+"""The router's database, in ``gateway.state_dir``."""
+API = "api"
+
+
+def command_limits(config: Config) -> CommandLimits:
+    api = config.api
+    if api is None:
+        return CommandLimits()
+    return CommandLimits(
+        default_timeout=api.command_timeout,
+        max_timeout=api.max_command_timeout,
+        default_expiry=api.command_expiry,
+    )
+
+
+class BusTargets:
+    """The router's way to the buses (``ModbusTargets``): checks against the configured
+    points, writes and reads through the running bus. ``modbus:<bus>/<device>/<point>``
+    names any configured bus; each driver says what it accepts (a sim bus its setpoints,
+    line sensors nothing)."""
+
+    def __init__(self, config: Callable[[], Config], components: Components) -> None:
+        self._config = config
+        self._components = components
+
+    def _bus_config(self, target: ModbusTarget) -> BusConfig:
+        for bus in self._config().buses:
+            if bus.name == target.bus:
+                return bus
+        names = ", ".join(b.name for b in self._config().buses) or "none"
+        raise CommandRejected(
+            404, "unknown-target", f"{target}: no bus {target.bus!r} (configured: {names})"
+        )
+
+    def check_write(self, target: ModbusTarget, value: Value) -> None:
+        bus = self._bus_config(target)
+        try:
+            bus.check_write(f"{target.device}/{target.point}", value)
+        except UnknownPoint as e:
+            raise CommandRejected(404, "unknown-target", f"{target}: {e}") from None
+        except WriteError as e:
+            raise CommandRejected(422, "not-writable", f"{target}: {e}") from None
+
+    def _running(self, target: ModbusTarget) -> Bus:
+        self._bus_config(target)
+        component = self._components.get(target.bus)
+        part = component.part if component is not None else None
+        health = component.health() if component is not None else None
+        if part is None or health is None or health.state is State.DOWN:
+            why = (health.reason or health.last_error) if health is not None else None
+            raise Unavailable(
+                f"bus {target.bus} is down"
+                + (f" ({why})" if why else "")
+                + ": nothing was written; send the command again once it is up"
+            )
+        return part  # type: ignore[return-value]
+
+    async def write(self, target: ModbusTarget, value: Value) -> None:
+        await self._running(target).write(f"{target.device}/{target.point}", value)
+
+    async def read(self, target: ModbusTarget) -> Value:
+        return await self._running(target).read(f"{target.device}/{target.point}")
+
+
+def commands_spec(config: Config, stores: Stores, components: Components) -> ComponentSpec:
+    """The command router: supervised (a broken database is retried, and until it opens the
+    API answers 503 to commands), one database per state directory."""
+    path = Path(config.gateway.state_dir) / COMMANDS_FILE
+    current = [config]
+
+    def make(progress: Callable[[], None]) -> CommandRouter:
+        router = CommandRouter(
+            path,
+            BusTargets(lambda: current[0], components),
+            lambda: stores.device_plane,
+            limits=command_limits(current[0]),
+        )
+        stores.router = router
+        return router
+
+    def build() -> Supervised:
+        return Supervised(
+            COMMANDS,
+            make,
+            supervisor_backoff(config),
+            kind="commands",
+            healthy_after=config.supervisor.healthy_after,
+        )
+
+    def update(component: Supervised) -> None:
+        current[0] = config  # the buses and limits of the reloaded config from now on
+        if isinstance(component.part, CommandRouter):
+            component.part.limits = command_limits(config)
+
+    return ComponentSpec(COMMANDS, "commands", Stage.COMMANDS, str(path), build, update)
+
+
+def api_spec(section: ApiSection, config: Config, services: ApiServices) -> ComponentSpec:
+    """The HTTPS API: required (a port in use ends the process, as for the device plane);
+    users, limits and a renewed certificate apply in place on reload, a new address, port
+    or client CA restarts it."""
+
+    def make(progress: Callable[[], None]) -> Api:
+        return Api(section, services)
+
+    def build() -> Supervised:
+        return Supervised(
+            API,
+            make,
+            supervisor_backoff(config),
+            kind="api",
+            policy=StartPolicy.REQUIRED,
+            healthy_after=config.supervisor.healthy_after,
+        )
+
+    def update(component: Supervised) -> None:
+        component.make = make
+        if isinstance(component.part, Api):
+            component.part.reconfigure(section)
+
+    return ComponentSpec(API, "api", Stage.API, section.restart_key(), build, update)
 
 
 @attrs.define
@@ -465,6 +630,40 @@ class Gateway:
     def stopping(self) -> bool:
         return self.phase is Phase.STOPPING
 
+    def specs(self, config: Config) -> list[ComponentSpec]:
+        return specs(config, self.hub, self.stores, self.components, self)
+
+    # ---- what the API reads (ApiServices) ----------------------------------------------------
+
+    @property
+    def gateway_name(self) -> str:
+        return self.config.gateway.name
+
+    def latest(self) -> Sequence[Reading]:
+        return self.hub.latest(["#"])
+
+    def router(self) -> CommandRouter | None:
+        """The command router while it runs (None: the API answers 503 to commands)."""
+        component = self.components.get(COMMANDS)
+        router = self.stores.router
+        if component is None or component.part is not router or self.stopping:
+            return None
+        return router
+
+    def live(self, origin: str | None) -> LiveAccess | None:
+        """A short-lived token for the status page's wss subscription."""
+        component = self.components.get(DEVICE_NAMESPACE)
+        plane = component.part if component is not None else None
+        section = self.config.device_plane
+        if not isinstance(plane, DevicePlane) or section is None or self.stopping:
+            return None
+        port = plane.statistics().port or section.port
+        try:
+            token = plane.viewer_token(origin)
+        except ValueError:  # a malformed Origin: no browser page sends one
+            return None
+        return LiveAccess(port=port, tls=not section.plain, token=token)
+
     async def run(self, extras: Iterable[Extra] = (), *, stop_requested: bool = False) -> None:
         """Run until a signal stops it; returns after a clean shutdown. ``stop_requested``: a
         SIGTERM came before the loop could handle signals (start, then stop at once). Raises
@@ -494,7 +693,7 @@ class Gateway:
             # Extras first: the demo's CPI stand-in must listen before the forwarder sends.
             for extra in extras:
                 await tree.start(extra, self.hub)
-            await tree.start(self.components.run, specs(self.config, self.hub, self.stores))
+            await tree.start(self.components.run, self.specs(self.config))
             await tree.start(self._watchdog)
             await tree.start(self._status)
             if self.stopping:
@@ -606,9 +805,7 @@ class Gateway:
                     extra=kv(key=key),
                 )
             logs.setup(new.logging.level)
-            restarted, removed, added = await self.components.apply(
-                specs(new, self.hub, self.stores)
-            )
+            restarted, removed, added = await self.components.apply(self.specs(new))
             for component in self.components.all():
                 component.backoff = supervisor_backoff(new)
                 component.healthy_after = new.supervisor.healthy_after
@@ -695,7 +892,7 @@ class Gateway:
 
 
 PLURALS = {"bus": "buses", "cpi": "cpi"}
-SINGLETONS = {"outbox", "device plane", "cpi"}
+SINGLETONS = {"outbox", "device plane", "cpi", "api", "commands"}
 """Kinds of which a gateway has one: ``device plane up`` says all there is."""
 REASONS_SHOWN = 3
 REASON_LENGTH = 100

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from gateway import __version__, deviceauth, entry, tail
+from gateway import __version__, api, deviceauth, entry, sendcommand, tail
 from gateway.app import Extra, Gateway, prepare_state_dir, request_plan
 from gateway.config import DEFAULT_PATH, EX_CONFIG, Config, ConfigError, load_config, summary
 from gateway.core import logs
@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
             "supervisor, which restarts it with backoff when it fails; the process runs\n"
             "under systemd (readiness, status line, watchdog, reload on SIGHUP).\n"
             "\n"
-            "Coming, not there yet: commands to devices and Modbus writes, the HTTPS API."
+            "With [api], an HTTPS API takes commands from CPI or an operator (Modbus writes,\n"
+            "commands to wss devices; pending ones kept in SQLite) and serves /readyz,\n"
+            "/metrics and a live status page."
         ),
         epilog="'edge-gateway COMMAND --help' says what a command does and its exit statuses.",
     )
@@ -151,6 +153,26 @@ def _parser() -> argparse.ArgumentParser:
     hash_token.add_argument("token", nargs="?", metavar="TOKEN", help="the token to hash")
     hash_token.add_argument("--new", action="store_true", help="make a new token and hash it")
     tail.add_parser(sub)
+    sendcommand.add_parser(sub)
+    sub.add_parser(
+        "hash-password",
+        help="print the scrypt hash of an API password for [[api.users]]",
+        formatter_class=raw,
+        description=(
+            "Print the scrypt hash of an API user's password, as password_scrypt in its\n"
+            "[[api.users]] table wants it. The password is read from stdin (asked twice,\n"
+            "not echoed, on a terminal). The gateway stores only the hash; scrypt, since\n"
+            "passwords chosen by people can be weak.\n"
+            "\n"
+            "exit status:\n"
+            "  0    printed\n"
+            "  2    no usable password (empty, or the two entries differ)\n"
+            "\n"
+            "examples:\n"
+            "  edge-gateway hash-password\n"
+            "  edge-gateway hash-password < cpi.password"
+        ),
+    )
     outbox_parser = sub.add_parser(
         "outbox",
         help="look into the store-and-forward outbox; replay or purge dead letters",
@@ -199,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return deviceauth.hash_token_command(args.token, new=args.new)
         if args.command == "tail":
             return tail.main(args)
+        if args.command == "send-command":
+            return sendcommand.main(args)
+        if args.command == "hash-password":
+            return api.hash_password_command()
         if args.command == "outbox":
             return outbox_command(args.config, args.action, args.n)
         return demo()
@@ -289,6 +315,7 @@ def demo() -> int:
         secret_file = Path(state_dir) / "cpi-client-secret"
         secret_file.write_text(deviceauth.generate_token())
         cpi = demo_mod.DemoCpi(demo_mod.free_port(), secret_file, cert)
+        api = demo_mod.demo_api(cert, key, avoid=plane.port)
         log.info(
             "demo: simulated sensors (bus line-1) and a Modbus TCP energy meter on %s:%d "
             "(bus plc), state in %s; press Ctrl-C to stop",
@@ -312,9 +339,20 @@ def demo() -> int:
             "batch it receives",
             cpi.port,
         )
+        log.info(
+            "demo: status page https://127.0.0.1:%d/ (user %s, password %s); the same "
+            "certificate; try 'edge-gateway send-command --url https://127.0.0.1:%d --ca %s "
+            "--user %s modbus:plc/meter/power_limit 4.5' with EDGE_GATEWAY_PASSWORD set",
+            api.port,
+            demo_mod.API_USER,
+            api.password,
+            api.port,
+            cert,
+            demo_mod.API_USER,
+        )
         return _serve(
             lambda: prepare_state_dir(
-                demo_mod.demo_config(state_dir, plc_port=meter.port, plane=plane, cpi=cpi),
+                demo_mod.demo_config(state_dir, plc_port=meter.port, plane=plane, cpi=cpi, api=api),
                 "demo config",
             ),
             [demo_mod.cpi_standin(cpi, key), demo_mod.console],

@@ -4,6 +4,7 @@ One TOML file structured by one cattrs converter into frozen attrs classes. Ever
 collected (not just the first) and reported with its path and a hint, e.g.
 ``gateway.toml: buses[1].devices[0].points[3].type: 'flaot32' is not one of int16, ...``.
 Driver sections come from ``drivers.registry``; a new component adds its section class here.
+Sections: gateway, supervisor, logging, hub, buses, device_plane, outbox, cpi, api.
 
 Whatever the file holds, loading it either returns a ``Config`` or raises ``ConfigError``: no
 other exception, no hang (``read_regular_file``), no value that overflows later (non-finite
@@ -33,6 +34,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from drivers.base import BusConfig
 from drivers.registry import KINDS, DriverKind
+from gateway.api import ApiSection
 from gateway.core.configtypes import (
     ConfigValueError,
     Duration,
@@ -112,6 +114,8 @@ class Config:
     """The store-and-forward database; used only with ``[cpi]``."""
     cpi: CpiSection | None = None
     """Where readings are forwarded; None (no ``[cpi]``): readings are not stored or sent."""
+    api: ApiSection | None = None
+    """The HTTPS management and command API; None (no ``[api]``): no API."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         s = self.supervisor
@@ -159,6 +163,23 @@ class Config:
         if self.cpi is not None:
             for path, message in self.cpi.check():
                 yield f"cpi.{path}", message
+        if self.api is not None:
+            for path, message in self.api.check():
+                yield f"api.{path}", message
+            yield from self._check_ports()
+
+    def _check_ports(self) -> Iterator[tuple[str, str]]:
+        """The API and the device plane cannot share a port on overlapping addresses."""
+        api, plane = self.api, self.device_plane
+        if api is None or plane is None or api.port != plane.port:
+            return
+        wildcard = ("0.0.0.0", "::")
+        if api.listen == plane.listen or api.listen in wildcard or plane.listen in wildcard:
+            yield (
+                "api.port",
+                f"{api.port} is also device_plane.port on an overlapping address: give the "
+                "API another port (e.g. 9443)",
+            )
 
 
 class ConfigError(Exception):
@@ -348,6 +369,15 @@ def parse_config(
                 "device_plane.clients",
                 "is a single table ([device_plane.clients]): write [[device_plane.clients]], "
                 "with two brackets, for each client",
+            )
+        )
+    api = data.get("api")
+    if isinstance(api, dict) and isinstance(api.get("users"), dict):
+        problems.append(
+            (
+                "api.users",
+                "is a single table ([api.users]): write [[api.users]], with two brackets, for "
+                "each user",
             )
         )
     if problems:
@@ -540,6 +570,8 @@ def summary(config: Config) -> list[str]:
     ]
     if config.device_plane is not None:
         lines.append(config.device_plane.describe())
+    if config.api is not None:
+        lines.append(config.api.describe())
     if config.cpi is not None:
         lines.append(config.cpi.describe())
         o = config.outbox

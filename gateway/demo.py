@@ -22,11 +22,12 @@ from pathlib import Path
 import attrs
 import trio
 
+from gateway.api import hash_password
 from gateway.app import Extra
 from gateway.config import Config, parse_config
 from gateway.core.reading import Value
 from gateway.cpistandin import CpiStandIn, serve_standin
-from gateway.deviceauth import hash_token
+from gateway.deviceauth import generate_token, hash_token
 from gateway.hub import Hub, OverflowPolicy
 
 log = logging.getLogger("gateway.demo")
@@ -110,8 +111,23 @@ client_secret_file = '{secret_file}'
 ca_file = '{cert}'
 csrf = true
 """
+API = """
+# The HTTPS API: the status page, /readyz, /metrics and the command API.
+[api]
+listen = "127.0.0.1"
+port = {port}
+tls_cert_file = '{cert}'
+tls_key_file = '{key}'
+
+[[api.users]]
+name = "{user}"
+password_scrypt = "{password_scrypt}"
+role = "operator"
+"""
 CPI_CLIENT_ID = "sb-edge-gateway-demo"
 WSS_PORT = 8443
+API_PORT = 9443
+API_USER = "demo"
 
 
 @attrs.frozen
@@ -123,6 +139,18 @@ class DemoPlane:
     cert: Path
     key: Path
     token: str
+
+
+@attrs.frozen
+class DemoApi:
+    """The demo's API: its port, certificate and the password of user ``demo`` (made at
+    each start; the demo prints it), with its scrypt hash (made once: it takes a moment)."""
+
+    port: int
+    cert: Path
+    key: Path
+    password: str
+    password_scrypt: str
 
 
 @attrs.frozen
@@ -140,10 +168,11 @@ def demo_config(
     plc_port: int | None = None,
     plane: DemoPlane | None = None,
     cpi: DemoCpi | None = None,
+    api: DemoApi | None = None,
 ) -> Config:
     """The demo config with its state in ``state_dir``; the ``plc`` bus polls the simulated
     meter on ``127.0.0.1:plc_port``, and is left out without a port; the device plane is
-    there with ``plane``, forwarding to the CPI stand-in with ``cpi``."""
+    there with ``plane``, forwarding to the CPI stand-in with ``cpi``, the API with ``api``."""
     text = DEMO_CONFIG
     if plc_port is None:
         text = text[: text.index(PLC_SECTION)]
@@ -159,6 +188,14 @@ def demo_config(
     if cpi is not None:
         text += CPI.format(
             port=cpi.port, client_id=CPI_CLIENT_ID, secret_file=cpi.secret_file, cert=cpi.cert
+        )
+    if api is not None:
+        text += API.format(
+            port=api.port,
+            cert=api.cert,
+            key=api.key,
+            user=API_USER,
+            password_scrypt=api.password_scrypt,
         )
     config = parse_config(text, "demo config")
     return attrs.evolve(config, gateway=attrs.evolve(config.gateway, state_dir=state_dir))
@@ -211,6 +248,15 @@ async def console(hub: Hub, *, task_status: trio.TaskStatus[None]) -> None:
 
 def wss_port() -> int:
     return free_port(WSS_PORT)
+
+
+def demo_api(cert: Path, key: Path, avoid: int) -> DemoApi:
+    """The API on 127.0.0.1:9443 (or a free port other than ``avoid``, the wss port)."""
+    port = free_port(API_PORT)
+    while port == avoid:
+        port = free_port()
+    password = generate_token()
+    return DemoApi(port, cert, key, password, hash_password(password))
 
 
 def cpi_standin(cpi: DemoCpi, key: Path) -> Extra:

@@ -4,6 +4,7 @@ Pure code, no sockets: the ``[device_plane]`` config section and its checks, tok
 (``hash-token``), the handshake decision (``Authenticator.authenticate``: an ``Identity`` or a
 ``Refusal``) and the ACL (``Identity.may_subscribe`` / ``may_publish``). The wss server feeds
 it the handshake's headers, query and offered subprotocols and acts on the answer.
+``ViewerTokens`` holds the status page's short-lived tokens (on a clock the server passes in).
 
 Depends only on ``gateway.core`` (topics, config value types); ``gateway.config`` imports the
 section from here, as it does the drivers' sections.
@@ -15,11 +16,13 @@ import getpass
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import secrets
 import ssl
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal, TextIO
 
 import attrs
@@ -50,6 +53,18 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 LOCAL_CLIENT = "local"
 """The client id of a connection with the local token (``local_access``): reserved."""
+
+STATUS_PAGE_CLIENT = "status-page"
+"""The client id of a connection with a viewer token (the status page): reserved."""
+
+RESERVED_CLIENTS = frozenset({LOCAL_CLIENT, STATUS_PAGE_CLIENT})
+"""Client ids no ``[[device_plane.clients]]`` table may take; never a command target."""
+
+MAX_VIEWER_TOKENS = 100
+"""Viewer tokens kept at once; issuing another forgets the oldest."""
+
+DEFAULT_VIEWER_TTL = 300.0
+"""Seconds a viewer token is accepted for handshakes."""
 
 Overflow = Literal["drop-oldest", "disconnect"]
 Via = Literal["header", "subprotocol", "query"]
@@ -307,6 +322,12 @@ class DevicePlaneSection:
                     f"clients[{i}].id",
                     f"{LOCAL_CLIENT!r} is reserved for 'edge-gateway tail' on this machine "
                     "(local_access): choose another id",
+                )
+            if client.id == STATUS_PAGE_CLIENT:
+                yield (
+                    f"clients[{i}].id",
+                    f"{STATUS_PAGE_CLIENT!r} is reserved for the status page's live view "
+                    "(its short-lived viewer tokens): choose another id",
                 )
             if client.id in ids:
                 yield (
@@ -584,6 +605,67 @@ def _offered(subprotocols: Sequence[str]) -> str | Refusal | None:
     return offers[0][len(BEARER_PREFIX) :]
 
 
+@attrs.frozen
+class ViewerGrant:
+    """One viewer token as the gateway keeps it: its hash (never the token), the origin it
+    was issued for, and when it stops being accepted (on the store's clock)."""
+
+    digest: bytes = attrs.field(repr=False)
+    origin: str | None
+    """Normalized (``normalize_origin``); None: the usual Origin rule applies."""
+    expires: float
+
+
+class ViewerTokens:
+    """The status page's short-lived tokens: client ``status-page``, subscribe ``#``, publish
+    nothing. A browser cannot set headers on a WebSocket, so the page fetches a token from the
+    API (``/api/v1/live``) and offers it as ``bearer.<token>``.
+
+    A token is accepted for any number of handshakes until it expires (a page that reconnects
+    fetches a new one anyway); connections it opened stay open after that. At most ``limit``
+    are kept, the oldest forgotten first, expired ones included so that a late handshake is
+    told "expired" rather than "unknown". The server keeps one store across reloads and hands
+    it to every ``Authenticator`` it builds. ``clock`` gives the time in seconds (the server
+    passes ``trio.current_time``)."""
+
+    def __init__(self, clock: Callable[[], float], *, limit: int = MAX_VIEWER_TOKENS) -> None:
+        self.clock = clock
+        self._grants: deque[ViewerGrant] = deque(maxlen=limit)
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+    def issue(self, origin: str | None, ttl: float = DEFAULT_VIEWER_TTL) -> str:
+        """A fresh random token, accepted for ``ttl`` seconds from now; with ``origin``, only
+        from a page of that origin (the status page's own). Raises ``ValueError`` for an
+        origin that is not ``scheme://host[:port]`` or a ``ttl`` that is not above 0."""
+        if not 0 < ttl < math.inf:
+            raise ValueError(f"viewer token: ttl {ttl!r} must be a number of seconds above 0")
+        if origin is not None:
+            problem = origin_problem(origin)
+            if problem:
+                raise ValueError(f"viewer token: {problem}")
+            origin = normalize_origin(origin)
+        token = generate_token()
+        digest = hashlib.sha256(token.encode()).digest()
+        self._grants.append(ViewerGrant(digest, origin, self.clock() + ttl))
+        return token
+
+    def find(self, digest: bytes) -> ViewerGrant | None:
+        """The grant of the token whose SHA-256 is ``digest``, expired or not, or None."""
+        # Every kept hash is compared, with no early exit (as for the configured clients).
+        found = None
+        for grant in self._grants:
+            if hmac.compare_digest(digest, grant.digest) and found is None:
+                found = grant
+        return found
+
+    def origins(self) -> frozenset[str]:
+        """The origins tokens were issued for: handshakes from them get past the first Origin
+        check, and then need a viewer token issued for that very origin."""
+        return frozenset(g.origin for g in self._grants if g.origin is not None)
+
+
 class Authenticator:
     """Decides each handshake from the configured clients and Origin allow-list.
 
@@ -596,6 +678,7 @@ class Authenticator:
         origins: Sequence[str],
         *,
         local_token_sha256: str | None = None,
+        viewer_tokens: ViewerTokens | None = None,
     ) -> None:
         self._clients = tuple(clients)
         self._digests = tuple(bytes.fromhex(c.token_sha256) for c in self._clients)
@@ -603,12 +686,24 @@ class Authenticator:
         self.local_token_sha256 = local_token_sha256
         """The hash of the local token (``local_access``): client ``local``, subscribe
         ``#``, publish nothing, accepted only from this machine."""
+        self.viewer_tokens = viewer_tokens
+        """The status page's tokens: client ``status-page``, subscribe ``#``, publish
+        nothing, from the origin each was issued for, until it expires."""
 
     @classmethod
     def from_section(
-        cls, section: DevicePlaneSection, *, local_token_sha256: str | None = None
+        cls,
+        section: DevicePlaneSection,
+        *,
+        local_token_sha256: str | None = None,
+        viewer_tokens: ViewerTokens | None = None,
     ) -> Authenticator:
-        return cls(section.clients, section.origins, local_token_sha256=local_token_sha256)
+        return cls(
+            section.clients,
+            section.origins,
+            local_token_sha256=local_token_sha256,
+            viewer_tokens=viewer_tokens,
+        )
 
     def authenticate(
         self,
@@ -621,12 +716,18 @@ class Authenticator:
         """The handshake's answer. ``headers`` with lower-case names. The Origin is checked
         first; then the token is taken from the first of: ``Authorization: Bearer``, a
         ``bearer.<token>`` subprotocol offer, the ``token`` query parameter. ``local_peer``:
-        the connection comes from this machine (only then is the local token accepted)."""
+        the connection comes from this machine (only then is the local token accepted).
+
+        A page from an origin that is not listed passes the first check only when a viewer
+        token was issued for that origin, and then needs such a token: a device's token (or
+        the local one) from there is refused (403) as from any origin not listed."""
         origin = headers.get("origin")
-        if origin is not None and normalize_origin(origin) not in self._origins:
-            # Header-less (non-browser) clients pass; a browser page only from a listed origin.
-            shown = origin if origin == "null" or origin_problem(origin) is None else "(malformed)"
-            return Refusal(403, f"Origin {shown} is not in device_plane.origins")
+        normalized = normalize_origin(origin) if origin is not None else None
+        # Header-less (non-browser) clients pass; a browser page only from a listed origin.
+        listed = normalized is None or normalized in self._origins
+        viewers = self.viewer_tokens
+        if not listed and (viewers is None or normalized not in viewers.origins()):
+            return _foreign_origin(origin)
         via: Via = "header"
         token = _bearer(headers)
         if token is None:
@@ -641,9 +742,18 @@ class Authenticator:
         if problem:
             return Refusal(401, f"unusable token ({via}): {problem}")
         digest = hashlib.sha256(token.encode()).digest()
+        # Every kind of token is looked up whatever matched, so the time taken does not tell.
         client = self._lookup(digest)
+        local = self._is_local(digest)
+        viewer = viewers.find(digest) if viewers is not None else None
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
-        if client is None and self._is_local(digest):
+        if client is None and viewer is not None and viewers is not None:
+            return self._viewer(viewer, viewers, origin, listed, via, subprotocol)
+        if not listed and (client is not None or local):
+            # Past the first check only because a viewer token was issued for this origin:
+            # any other token from there is refused as from any origin not listed.
+            return _foreign_origin(origin)
+        if client is None and local:
             if not local_peer:
                 return Refusal(401, f"the local token ({via}) is accepted only from this machine")
             return Identity(
@@ -665,6 +775,35 @@ class Authenticator:
             token_sha256=client.token_sha256.lower(),
         )
 
+    def _viewer(
+        self,
+        grant: ViewerGrant,
+        viewers: ViewerTokens,
+        origin: str | None,
+        listed: bool,
+        via: Via,
+        subprotocol: str | None,
+    ) -> Identity | Refusal:
+        if grant.origin is not None:
+            if origin is None or normalize_origin(origin) != grant.origin:
+                return Refusal(
+                    403,
+                    f"Origin {_shown(origin)} is not the one the viewer token was issued for "
+                    f"({grant.origin})",
+                )
+        elif not listed:
+            return _foreign_origin(origin)
+        if viewers.clock() >= grant.expires:
+            return Refusal(401, f"expired viewer token ({via})")
+        return Identity(
+            client_id=STATUS_PAGE_CLIENT,
+            subscribe=("#",),
+            publish=(),
+            via=via,
+            subprotocol=subprotocol,
+            token_sha256=grant.digest.hex(),
+        )
+
     def _is_local(self, digest: bytes) -> bool:
         local = self.local_token_sha256
         return local is not None and hmac.compare_digest(digest, bytes.fromhex(local))
@@ -683,6 +822,9 @@ class Authenticator:
         or its token changed (the server closes that connection with 1008)."""
         if identity.client_id == LOCAL_CLIENT:
             return identity if self._is_local(bytes.fromhex(identity.token_sha256)) else None
+        if identity.client_id == STATUS_PAGE_CLIENT:
+            # A viewer token only opens connections; expired or forgotten, it closes none.
+            return identity
         for client in self._clients:
             if client.id == identity.client_id:
                 if not hmac.compare_digest(
@@ -691,3 +833,14 @@ class Authenticator:
                     return None
                 return attrs.evolve(identity, subscribe=client.subscribe, publish=client.publish)
         return None
+
+
+def _shown(origin: str | None) -> str:
+    """An Origin header as a log may show it (a malformed one could forge log lines)."""
+    if origin is None:
+        return "(none)"
+    return origin if origin == "null" or origin_problem(origin) is None else "(malformed)"
+
+
+def _foreign_origin(origin: str | None) -> Refusal:
+    return Refusal(403, f"Origin {_shown(origin)} is not in device_plane.origins")

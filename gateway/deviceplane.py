@@ -1,4 +1,5 @@
-"""The device plane: the wss server where devices and HMIs watch readings and publish their own.
+"""The device plane: the wss server where devices and HMIs watch readings, publish their own
+and take commands.
 
 A thin Trio adapter around the sans-IO pieces: ``gateway.deviceauth`` decides each handshake,
 ``gateway.protocol`` parses client frames and builds the gateway's, ``gateway.hub`` fans
@@ -8,6 +9,10 @@ the code that says why (``docs/protocol.md``, "Closing codes").
 
 ``DevicePlane`` is a supervisor ``Part``: ``run`` binds, reports started once listening, and on
 cancellation closes every open connection with 1001 (shielded, bounded) before returning.
+It is also the command router's ``DeviceTargets`` (``gateway.core.commands``): ``send_command``
+queues a ``command`` frame to the client's open connections, and the router, as the
+``CommandSink``, hears of each connection and each ``ack``. ``viewer_token`` issues the status
+page's short-lived tokens.
 
 Depends on trio, trio-websocket, ``gateway.core``, ``gateway.deviceauth``, ``gateway.hub`` and
 ``gateway.protocol``.
@@ -18,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -38,14 +44,18 @@ from trio_websocket import (
 )
 
 from gateway import localendpoint
+from gateway.core.commands import CommandRequest, CommandSink
 from gateway.core.component import Condition, State
 from gateway.core.logs import kv
 from gateway.core.reading import Reading
 from gateway.deviceauth import (
+    DEFAULT_VIEWER_TTL,
+    RESERVED_CLIENTS,
     Authenticator,
     DevicePlaneSection,
     Identity,
     Refusal,
+    ViewerTokens,
     generate_token,
     hash_token,
     load_certificate,
@@ -61,6 +71,7 @@ from gateway.protocol import (
     Subscribe,
     Unsubscribe,
     ack_frame,
+    command_frame,
     gap_frame,
     parse_client_message,
     pong_frame,
@@ -92,6 +103,12 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 ANSWERS_QUEUED = 16
 """Answers (ack, pong, error) a connection's reader may be ahead of its sender: beyond, the
 reader waits, so a client that does not read its answers cannot pile them up."""
+
+COMMAND_BYTES_QUEUED = 1024 * 1024
+"""Bytes of ``command`` frames waiting to be sent on one connection, on top of its answers:
+more means the client is not reading, and that connection is closed (1013) rather than anyone
+waiting. Counted in bytes, not commands: a device that reconnects may be sent hundreds of
+small pending commands at once, faster than any socket takes them."""
 
 MESSAGES_QUEUED = 4
 """Incoming messages trio-websocket may buffer per connection (each up to
@@ -134,6 +151,10 @@ class DevicePlaneStatistics:
     revoked: int
     """Connections closed (1008) because a reload removed their client or changed its token."""
     clients: tuple[ClientStatistics, ...]
+    commands_sent: int = 0
+    """``command`` frames queued to open connections since start (one per connection)."""
+    acks_unmatched: int = 0
+    """Device ``ack`` messages that answered no command waiting for one (``unknown-command``)."""
 
 
 class TokenBucket:
@@ -188,6 +209,13 @@ class RecentIds:
 
 
 @attrs.frozen
+class _Command:
+    """A ``command`` frame for the answering task (counted apart from the reader's answers)."""
+
+    frame: str
+
+
+@attrs.frozen
 class _AckWhenStored:
     """Acknowledge publish ``id`` once the outbox committed hub positions ``first`` (exclusive)
     .. ``last``; or answer ``not-stored``."""
@@ -208,7 +236,8 @@ class _Closing(Exception):
 
 
 class DevicePlane:
-    """The wss server (a supervisor ``Part``). ``port`` is the bound port once started."""
+    """The wss server (a supervisor ``Part``) and the router's ``DeviceTargets``. ``port`` is
+    the bound port once started."""
 
     def __init__(
         self,
@@ -222,20 +251,25 @@ class DevicePlane:
         wall_clock: Callable[[], float] = time.time,
         local_endpoint_dir: Path | None = None,
         watermark: Callable[[], Watermark | None] = lambda: None,
+        commands: Callable[[], CommandSink | None] = lambda: None,
     ) -> None:
         self.section = section
         self.watermark = watermark
         """The outbox's commit watermark, when there is one: publishes are acknowledged
         once committed (else as soon as the hub took them)."""
+        self.commands = commands
+        """The command router, when there is one: told of every accepted connection (to
+        deliver what is pending) and of every ``ack``; without one, every ack is unmatched."""
         self.hub = hub
         self._ssl_context_factory = ssl_context_factory
         self._ssl_context: ssl.SSLContext | None = None
         self.local_token = generate_token() if section.local_access else None
         """Accepted from this machine only (``tail``); fresh at each start."""
         self._local_token_sha256 = hash_token(self.local_token) if self.local_token else None
-        self._authenticator = Authenticator.from_section(
-            section, local_token_sha256=self._local_token_sha256
-        )
+        # One store for the life of the server: a reload builds a new Authenticator, and the
+        # page's tokens must outlive that.
+        self._viewer_tokens = ViewerTokens(trio.current_time)
+        self._authenticator = self._new_authenticator(section)
         self._local_endpoint_dir = local_endpoint_dir
         self.local_endpoint_file: Path | None = None
         self.shutdown_timeout = shutdown_timeout
@@ -253,8 +287,17 @@ class DevicePlane:
         self.bytes_out = 0
         self.dropped = 0
         self.revoked = 0
+        self.commands_sent = 0
+        self.acks_unmatched = 0
         # Per client id, not per connection: a publish resent after a reconnect is a duplicate.
         self._recent_ids: dict[str, RecentIds] = {}
+
+    def _new_authenticator(self, section: DevicePlaneSection) -> Authenticator:
+        return Authenticator.from_section(
+            section,
+            local_token_sha256=self._local_token_sha256,
+            viewer_tokens=self._viewer_tokens,
+        )
 
     def recent_ids(self, client_id: str) -> RecentIds:
         """The dedupe window of ``client_id`` (created on first use)."""
@@ -285,7 +328,64 @@ class DevicePlane:
             dropped=self.dropped + sum(c.dropped() for c in self._connections),
             revoked=self.revoked,
             clients=tuple(c.statistics() for c in self._connections),
+            commands_sent=self.commands_sent,
+            acks_unmatched=self.acks_unmatched,
         )
+
+    # ---- commands (DeviceTargets) and viewer tokens --------------------------------------------
+
+    def known(self, client_id: str) -> bool:
+        """Whether ``client_id`` is a configured client now (never ``local`` nor
+        ``status-page``, which take no commands)."""
+        return client_id not in RESERVED_CLIENTS and any(
+            c.id == client_id for c in self.section.clients
+        )
+
+    def connected(self, client_id: str) -> bool:
+        """Whether at least one connection of ``client_id`` is open (and not closing)."""
+        return any(self._open_connections(client_id))
+
+    async def send_command(self, client_id: str, request: CommandRequest) -> bool:
+        """Queue a ``command`` frame to every open connection of ``client_id``, behind the
+        answers each already has waiting. Never waits for a client: a connection with more
+        than ``COMMAND_BYTES_QUEUED`` of commands unsent is closed (1013) and does not count.
+        True when at least one connection took it."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        frame = command_frame(request.id, request.name, request.args, request.expires)
+        taken = 0
+        for connection in list(self._open_connections(client_id)):
+            if connection.offer_command(frame):
+                taken += 1
+        self.commands_sent += taken
+        if taken:
+            log.info(
+                "device %s: command %s (%s) queued for %d connection%s",
+                client_id,
+                request.id,
+                request.name,
+                taken,
+                "" if taken == 1 else "s",
+            )
+        # Queued is queued: a cancellation now must not tell the caller otherwise.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return taken > 0
+
+    def _open_connections(self, client_id: str) -> Iterator[_Connection]:
+        if client_id in RESERVED_CLIENTS:
+            return
+        for connection in self._connections:
+            if connection.identity.client_id == client_id and not connection.closing:
+                yield connection
+
+    def viewer_token(self, origin: str | None, ttl: float = DEFAULT_VIEWER_TTL) -> str:
+        """A fresh token for the status page (``bearer.<token>`` subprotocol offer): client
+        ``status-page``, subscribe ``#``, publish nothing, accepted for handshakes for ``ttl``
+        seconds (connections it opened stay open after); with ``origin``, only from a page of
+        that origin. At most ``MAX_VIEWER_TOKENS`` are kept, the oldest forgotten. Raises
+        ``ValueError`` for an origin that is not ``scheme://host[:port]``, or ``ttl`` <= 0."""
+        token = self._viewer_tokens.issue(origin, ttl)
+        log.debug("device plane: viewer token issued for %s, %gs", origin or "any origin", ttl)
+        return token
 
     def reconfigure(self, section: DevicePlaneSection) -> None:
         """Apply a reloaded section whose ``restart_key`` is unchanged, without dropping
@@ -295,9 +395,7 @@ class DevicePlane:
         if self._ssl_context is not None:
             self._reload_certificate(section)
         self.section = section
-        self._authenticator = Authenticator.from_section(
-            section, local_token_sha256=self._local_token_sha256
-        )
+        self._authenticator = self._new_authenticator(section)
         for connection in list(self._connections):
             identity = self._authenticator.refresh(connection.identity)
             if identity is None:
@@ -493,6 +591,8 @@ class DevicePlane:
         if self._stopping:
             connection.shut_down()
         log.info("device %s connected from %s", identity.client_id, peer, extra=kv(peer=peer))
+        if not self._stopping:
+            self._tell_connected(identity.client_id)
         try:
             await connection.run()
         finally:
@@ -505,6 +605,22 @@ class DevicePlane:
                 connection.close_code,
                 f": {connection.close_reason}" if connection.close_reason else "",
                 extra=kv(peer=peer),
+            )
+
+    def _tell_connected(self, client_id: str) -> None:
+        """Let the router deliver what waits for ``client_id`` (it calls ``send_command``)."""
+        sink = self.commands()
+        if sink is None or client_id in RESERVED_CLIENTS:
+            return
+        try:
+            sink.device_connected(client_id)
+        except Exception as e:
+            # A defect in the router must not take the server and every connection with it;
+            # the connection stays, its commands are delivered at its next connect.
+            log.critical(
+                "device %s: defect in the command router on connect (please report this)",
+                client_id,
+                exc_info=e,
             )
 
 
@@ -561,11 +677,18 @@ class _Connection:
         self._snapshot: list[Reading] = []
         """Latest readings a ``subscribe`` with ``last`` asked for, sent before new ones."""
         self._changed = trio.Event()
-        # The reader's answers go through a task of their own, in order: the reader goes on
-        # reading while they are sent.
+        # The reader's answers and the router's commands go through a task of their own, in
+        # order: the reader goes on reading while they are sent, and a command never cuts into
+        # another frame. Each side has its own share of the channel, so a reader that is ahead
+        # never makes a command look like an overload, nor the other way round.
+        # The channel itself is unbounded: what bounds it are the reader's slots and the
+        # commands' bytes.
         self._answers, self._answers_out = trio.open_memory_channel[
-            str | _Closing | _AckWhenStored
-        ](ANSWERS_QUEUED)
+            str | _Closing | _AckWhenStored | _Command
+        ](math.inf)
+        self._reader_slots = trio.Semaphore(ANSWERS_QUEUED)
+        self._command_bytes = 0  # of command frames queued, not yet taken by the sender
+        self._ending = False  # a task ended: the others are being cancelled
         self._scope = trio.CancelScope()
         self._dropped_before = 0  # by subscriptions replaced since
         self.close_code = 1000
@@ -589,10 +712,36 @@ class _Connection:
 
     def revoke(self, reason: str) -> None:
         """Close with 1008 (a reload took away what this connection was allowed)."""
-        log.warning("device %s: closing: %s", self.identity.client_id, reason)
         self._plane.revoked += 1
-        self.close_code, self.close_reason = POLICY_VIOLATION, reason
+        self._close(POLICY_VIOLATION, reason)
+
+    def _close(self, code: int, reason: str) -> None:
+        log.warning("device %s: closing (%d): %s", self.identity.client_id, code, reason)
+        self.close_code, self.close_reason = code, reason
         self._scope.cancel()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection is ending: nothing queued for it now would be sent."""
+        return self._ending or self._scope.cancel_called
+
+    def offer_command(self, frame: str) -> bool:
+        """Queue ``frame`` behind the answers waiting, without waiting. False when the
+        connection is closing, or would have more than ``COMMAND_BYTES_QUEUED`` of commands
+        unsent: the client is not reading, and it is closed (1013)."""
+        if self.closing:
+            return False
+        # One command alone always fits, however large.
+        if self._command_bytes and self._command_bytes + len(frame) > COMMAND_BYTES_QUEUED:
+            self._close(
+                TRY_AGAIN_LATER,
+                f"more than {COMMAND_BYTES_QUEUED // 1024} KiB of commands waiting to be sent: "
+                "read faster, then reconnect",
+            )
+            return False
+        self._command_bytes += len(frame)
+        self._answers.send_nowait(_Command(frame))
+        return True
 
     def reconfigure(self, identity: Identity, section: DevicePlaneSection) -> None:
         """A reload changed the client's ACL or the limits: apply them from now on."""
@@ -667,6 +816,7 @@ class _Connection:
             )
             self.close_code, self.close_reason = INTERNAL_ERROR, "internal error"
         finally:
+            self._ending = True
             scope.cancel()
 
     async def _send(self, frame: str) -> None:
@@ -738,13 +888,24 @@ class _Connection:
         )
 
     async def _answer(self) -> None:
-        """Send the reader's answers in order; a ``_Closing`` after them ends the connection."""
+        """Send the reader's answers and the commands in order; a ``_Closing`` after them
+        ends the connection."""
         async for answer in self._answers_out:
+            if isinstance(answer, _Command):
+                self._command_bytes -= len(answer.frame)
+                await self._send(answer.frame)
+                continue
+            self._reader_slots.release()
             if isinstance(answer, _Closing):
                 raise answer
             if isinstance(answer, _AckWhenStored):
                 answer = await self._when_stored(answer)
             await self._send(answer)
+
+    async def _queue(self, answer: str | _Closing | _AckWhenStored) -> None:
+        """Queue one of the reader's answers; waits while ``ANSWERS_QUEUED`` are unsent."""
+        await self._reader_slots.acquire()
+        self._answers.send_nowait(answer)
 
     async def _when_stored(self, pending: _AckWhenStored) -> str:
         timeout = self._plane.section.send_timeout
@@ -771,11 +932,11 @@ class _Connection:
     async def _refuse(self, error: ProtocolError) -> None:
         """Answer with the error frame; the ``max_errors``-th one also ends the connection
         (1008), once that frame has been sent."""
-        await self._answers.send(error.frame())
+        await self._queue(error.frame())
         self.errors += 1
         limit = self._plane.section.max_errors
         if self.errors >= limit:
-            await self._answers.send(
+            await self._queue(
                 _Closing(
                     POLICY_VIOLATION,
                     f"{limit} invalid, forbidden or rate-limited messages: fix the client, "
@@ -819,7 +980,7 @@ class _Connection:
             recent = self._plane.recent_ids(identity.client_id)
             # A duplicate (its ack was lost, say) is acknowledged again but not taken twice.
             if message.id in recent:
-                await self._answers.send(ack_frame(message.id))
+                await self._queue(ack_frame(message.id))
                 return
             hub = self._plane.hub
             first = hub.published
@@ -829,18 +990,40 @@ class _Connection:
             recent.add(message.id)
             watermark = self._plane.watermark()
             if watermark is None:
-                await self._answers.send(ack_frame(message.id))
+                await self._queue(ack_frame(message.id))
             else:  # acknowledged once committed, by the answering task: the reader goes on
-                await self._answers.send(
-                    _AckWhenStored(message.id, first, hub.published, watermark)
-                )
+                await self._queue(_AckWhenStored(message.id, first, hub.published, watermark))
         elif isinstance(message, Ping):
-            await self._answers.send(pong_frame(message.id))
+            await self._queue(pong_frame(message.id))
         else:
-            # The answer to a command; commands are not sent yet, so there is none to match.
-            log.debug(
-                "device %s: ack of command %s ignored", identity.client_id, message.command_id
-            )
+            await self._take_ack(message)
+
+    async def _take_ack(self, ack: Ack) -> None:
+        client_id = self.identity.client_id
+        sink = self._plane.commands()
+        if (
+            sink is not None
+            and client_id not in RESERVED_CLIENTS
+            and sink.device_acked(client_id, ack.command_id, ack.ok, ack.result, ack.error)
+        ):
+            return
+        self._plane.acks_unmatched += 1
+        log.warning(
+            "device %s: ack of command %s, which is not waiting for one from it",
+            client_id,
+            ack.command_id,
+        )
+        # Answered, but not counted towards max_errors: an ack that crosses its command's
+        # expiry, or a second one for a command delivered again, is a race, not a broken client.
+        await self._queue(
+            ProtocolError(
+                ErrorCode.UNKNOWN_COMMAND,
+                f"command_id: {ack.command_id!r} is not a command of client {client_id!r} "
+                "waiting for an ack (never sent to it, already answered, or expired): nothing "
+                "was recorded; ack only command ids you received, once each",
+                ack.command_id,
+            ).frame()
+        )
 
     def _resubscribe(self, patterns: tuple[str, ...], *, renew: bool = False) -> None:
         """Replace the hub subscription by one for ``patterns`` (the same ones kept once).

@@ -13,7 +13,7 @@ Three layers, as everywhere in the gateway:
   whatever is not confirmed stays in the outbox; every retry carries the same batch id.
 
 Commands in a 2xx response (``{"commands": [...]}``, see ``docs/cpi.md``) go to a
-``command_router``; until the commands issue lands the default logs them.
+``command_router`` (the composition root passes ``gateway.commands.CommandRouter.from_cpi``).
 
 Depends on ``gateway.core`` only (batches, component, config types, logs), plus httpx.
 """
@@ -21,6 +21,7 @@ Depends on ``gateway.core`` only (batches, component, config types, logs), plus 
 from __future__ import annotations
 
 import base64
+import collections
 import email.utils
 import enum
 import json
@@ -33,7 +34,7 @@ import ssl
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Literal
@@ -45,6 +46,7 @@ import trio
 from gateway.core.batches import Batch, BatchSource, batch_id
 from gateway.core.component import UP, Condition, State
 from gateway.core.configtypes import Duration, Secret, Size, format_duration
+from gateway.core.histogram import Histogram, HistogramSnapshot
 from gateway.core.logs import kv
 
 log = logging.getLogger("gateway.forwarder")
@@ -360,13 +362,14 @@ class DeliveryError(Exception):
 
 
 CommandRouter = Callable[[Sequence[object]], Awaitable[None]]
+"""Takes the commands of a CPI response (``gateway.commands.CommandRouter.from_cpi``)."""
 
 
 async def log_commands(commands: Sequence[object]) -> None:
-    """The default command router until the commands issue lands."""
+    """The command router of a forwarder built without one (tests): logs them."""
     await trio.lowlevel.checkpoint()
     for command in commands:
-        log.info("command from CPI (not routed yet)", extra=kv(command=json.dumps(command)))
+        log.info("command from CPI (no router)", extra=kv(command=json.dumps(command)))
 
 
 @attrs.frozen
@@ -385,6 +388,11 @@ class ForwarderStatistics:
     last_failure_reason: str | None
     failing_since: float | None
     """Wall clock of the first failure since the last 2xx; None while CPI answers."""
+    responses: Mapping[str, int] = attrs.field(factory=dict)
+    """Batch POSTs by how they ended: the HTTP status (``"200"``, ``"503"``) or ``"error"``
+    (no answer: timeout, connection failed)."""
+    request_seconds: HistogramSnapshot = attrs.field(factory=lambda: Histogram().snapshot())
+    """How long each batch POST took, answer or not (with a CSRF or token refetch in it)."""
 
 
 class Forwarder:
@@ -436,6 +444,8 @@ class Forwarder:
         self._last_failure: float | None = None
         self._last_reason: str | None = None
         self._failing_since: float | None = None
+        self._responses: collections.Counter[str] = collections.Counter()
+        self._latency = Histogram()
 
     # ---- health -----------------------------------------------------------------------------
 
@@ -459,6 +469,8 @@ class Forwarder:
             last_failure=self._last_failure,
             last_failure_reason=self._last_reason,
             failing_since=self._failing_since,
+            responses=dict(self._responses),
+            request_seconds=self._latency.snapshot(),
         )
 
     # ---- running ----------------------------------------------------------------------------
@@ -523,10 +535,15 @@ class Forwarder:
         bid = batch_id(self.gateway, batch.first_seq, batch.last_seq, batch.epoch)
         context = {"batch": bid, "readings": len(batch.readings)}
         body, content_type = payload(self.section, self.gateway, batch)
+        started = trio.current_time()
         try:
             response = await self._post(body, content_type, bid)
         except DeliveryError as e:
+            self._responses["error"] += 1
             return self._failed(e.reason, context, retry_after=e.retry_after, auth=e.auth)
+        finally:
+            self._latency.observe(trio.current_time() - started)
+        self._responses[str(response.status_code)] += 1
         verdict = classify(response.status_code, response.content)
         status = response.status_code
         excerpt = _excerpt(response.content)

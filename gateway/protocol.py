@@ -70,7 +70,9 @@ _MESSAGES_PER_ERROR = 3  # problems spelt out in one error message; the rest are
 
 class ErrorCode(enum.StrEnum):
     """The ``code`` of an ``error`` frame. The parser raises the first four; the server sends
-    ``forbidden`` (ACL) and ``rate-limited`` (token buckets)."""
+    ``forbidden`` (ACL), ``rate-limited`` (token buckets), ``not-stored`` (the outbox did not
+    commit a publish) and ``unknown-command`` (an ``ack`` that answers no command waiting for
+    one)."""
 
     BAD_JSON = "bad-json"
     BAD_MESSAGE = "bad-message"
@@ -79,6 +81,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate-limited"
     NOT_STORED = "not-stored"
+    UNKNOWN_COMMAND = "unknown-command"
 
 
 class ProtocolError(Exception):

@@ -310,7 +310,7 @@ def test_required_component_that_cannot_start_ends_the_process(
     monkeypatch.setattr(
         app,
         "specs",
-        lambda config, hub, stores: [*real_specs(config, hub, stores), _failing_required(hub)],
+        lambda config, hub, *rest: [*real_specs(config, hub, *rest), _failing_required(hub)],
     )
     assert cli._serve(source.load) == StartupError.EX_UNAVAILABLE
     critical = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]

@@ -816,3 +816,189 @@ def test_cli_help_lists_hash_token() -> None:
         check=False,
     )
     assert "hash-token" in result.stdout
+
+
+# ---- viewer tokens (the status page) -----------------------------------------------------------
+
+PAGE = "https://gateway.plant.local:9443"
+
+
+class Clock:
+    """A clock the test sets by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def viewers(clock: Clock) -> deviceauth.ViewerTokens:
+    return deviceauth.ViewerTokens(clock)
+
+
+def page(token: str, origin: str | None = PAGE) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """A handshake as the status page makes it: the token in the subprotocol offer."""
+    headers = {"origin": origin} if origin is not None else {}
+    return headers, {}, [SUBPROTOCOL, f"bearer.{token}"]
+
+
+def test_a_viewer_token_is_the_status_page_until_it_expires(
+    viewers: deviceauth.ViewerTokens, clock: Clock
+) -> None:
+    auth = Authenticator([HMI], ORIGINS, viewer_tokens=viewers)
+    token = viewers.issue("HTTPS://Gateway.plant.local:9443", ttl=300.0)
+    assert len(token) == 43
+    assert token not in repr(viewers._grants)
+    identity = ok(auth.authenticate(*page(token)))
+    assert identity == Identity(
+        "status-page", ("#",), (), "subprotocol", SUBPROTOCOL, hash_token(token)
+    )
+    assert identity.may_subscribe("#")
+    assert not identity.may_publish("x")
+    # Any way of presenting it works, from the page's origin.
+    assert ok(auth.authenticate({"origin": PAGE}, {"token": token}, [])).via == "query"
+    clock.now += 299.9
+    ok(auth.authenticate(*page(token)))
+    clock.now += 0.1
+    refused(auth.authenticate(*page(token)), 401, "expired viewer token (subprotocol)")
+
+
+@pytest.mark.parametrize(
+    ("origin", "shown"),
+    [
+        ("https://evil.example", "https://evil.example"),
+        ("https://hmi.plant.local", "https://hmi.plant.local"),  # listed, but not the page's
+        ("null", "null"),
+        (None, "(none)"),
+    ],
+)
+def test_a_viewer_token_is_for_its_page_only(
+    viewers: deviceauth.ViewerTokens, origin: str | None, shown: str
+) -> None:
+    auth = Authenticator([HMI], ORIGINS, viewer_tokens=viewers)
+    token = viewers.issue(PAGE)
+    reason = f"Origin {shown} is not the one the viewer token was issued for ({PAGE})"
+    if origin in ("https://evil.example", "null"):
+        # Not a viewer origin at all: refused before the token is looked at.
+        reason = f"Origin {shown} is not in device_plane.origins"
+    refused(auth.authenticate(*page(token, origin)), 403, reason)
+
+
+def test_the_origin_comes_before_expiry(viewers: deviceauth.ViewerTokens, clock: Clock) -> None:
+    auth = Authenticator([HMI], ORIGINS, viewer_tokens=viewers)
+    token = viewers.issue(PAGE, ttl=1.0)
+    clock.now += 2.0
+    refused(
+        auth.authenticate(*page(token, "https://hmi.plant.local")),
+        403,
+        f"Origin https://hmi.plant.local is not the one the viewer token was issued for ({PAGE})",
+    )
+
+
+def test_the_page_origin_admits_only_viewer_tokens(viewers: deviceauth.ViewerTokens) -> None:
+    auth = Authenticator(
+        [HMI], ORIGINS, viewer_tokens=viewers, local_token_sha256=hash_token(OTHER)
+    )
+    viewers.issue(PAGE)
+    reason = f"Origin {PAGE} is not in device_plane.origins"
+    refused(auth.authenticate(*page(TOKEN)), 403, reason)
+    refused(auth.authenticate(*page(OTHER), local_peer=True), 403, reason)
+    refused(
+        auth.authenticate(*page("no-such-token-0123456789abcdef")),
+        401,
+        "unknown token (subprotocol)",
+    )
+    # Without any viewer token for it, the page's origin is refused first, as before.
+    refused(
+        Authenticator([HMI], ORIGINS).authenticate(*page(TOKEN)),
+        403,
+        reason,
+    )
+
+
+def test_a_viewer_token_without_origin_follows_the_allow_list(
+    viewers: deviceauth.ViewerTokens,
+) -> None:
+    auth = Authenticator([HMI], ORIGINS, viewer_tokens=viewers)
+    token = viewers.issue(None)
+    assert ok(auth.authenticate(*page(token, None))).client_id == "status-page"
+    assert ok(auth.authenticate(*page(token, "https://hmi.plant.local"))).client_id == (
+        "status-page"
+    )
+    refused(
+        auth.authenticate(*page(token, PAGE)), 403, f"Origin {PAGE} is not in device_plane.origins"
+    )
+
+
+def test_at_most_so_many_viewer_tokens_are_kept(clock: Clock) -> None:
+    viewers = deviceauth.ViewerTokens(clock, limit=3)
+    auth = Authenticator([], [], viewer_tokens=viewers)
+    tokens = [viewers.issue(None) for _ in range(4)]
+    assert len(viewers) == 3
+    refused(auth.authenticate({}, {"token": tokens[0]}, []), 401, "unknown token (query)")
+    for token in tokens[1:]:
+        ok(auth.authenticate({}, {"token": token}, []))
+    assert deviceauth.MAX_VIEWER_TOKENS == 100
+    assert deviceauth.ViewerTokens(clock)._grants.maxlen == 100
+
+
+@pytest.mark.parametrize(
+    ("origin", "ttl", "message"),
+    [
+        ("https://gateway/status", 300.0, "is not an origin"),
+        ("*", 300.0, "is not an origin"),
+        ("null", 300.0, "'null' is the origin of sandboxed pages"),
+        (PAGE, -1.0, "ttl -1.0 must be a number of seconds above 0"),
+        (PAGE, float("inf"), "ttl inf must be a number of seconds above 0"),
+    ],
+)
+def test_a_viewer_token_needs_an_origin_and_a_lifetime(
+    viewers: deviceauth.ViewerTokens, origin: str, ttl: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=r"^viewer token: ") as info:
+        viewers.issue(origin, ttl)
+    assert message in str(info.value)
+    assert len(viewers) == 0
+
+
+def test_every_viewer_hash_is_compared(
+    viewers: deviceauth.ViewerTokens, compared: list[bytes]
+) -> None:
+    auth = Authenticator([HMI, PLC], [], viewer_tokens=viewers)
+    tokens = [viewers.issue(None) for _ in range(5)]
+    compared.clear()
+    assert ok(auth.authenticate({}, {"token": tokens[1]}, [])).client_id == "status-page"
+    # The clients' hashes, then every viewer token's, with no early exit on the match.
+    expected = [bytes.fromhex(hash_token(t)) for t in (TOKEN, OTHER, *tokens)]
+    assert compared == expected
+    compared.clear()
+    assert ok(auth.authenticate({}, {"token": TOKEN}, [])).client_id == "hmi-1"
+    assert compared == expected  # a client's token is looked for among the viewers' too
+
+
+def test_a_reload_keeps_viewer_connections(viewers: deviceauth.ViewerTokens, clock: Clock) -> None:
+    auth = Authenticator([HMI], ORIGINS, viewer_tokens=viewers)
+    identity = ok(auth.authenticate(*page(viewers.issue(PAGE, ttl=1.0))))
+    clock.now += 10.0  # expired, and then forgotten
+    for _ in range(100):
+        viewers.issue(PAGE)
+    assert Authenticator([], [], viewer_tokens=viewers).refresh(identity) == identity
+    assert Authenticator([], []).refresh(identity) == identity
+
+
+def test_no_client_may_take_a_reserved_id(tls_dir: Path) -> None:
+    assert problems(TLS + client_toml(id="status-page"), tls_dir) == [
+        (
+            "device_plane.clients[0].id",
+            "'status-page' is reserved for the status page's live view (its short-lived viewer "
+            "tokens): choose another id",
+        )
+    ]
+    assert sorted(deviceauth.RESERVED_CLIENTS) == ["local", "status-page"]

@@ -272,6 +272,15 @@ async def test_every_reading_arrives_in_order_once_through_every_fault(
     assert forwarder.delays[0] >= 1.0  # Retry-After: 1
     assert all(d <= 0.05 for d in forwarder.delays[1:])
     assert forwarder.condition().state is State.UP
+    # Each POST counted by how it ended (for /metrics), and timed: the slow one too.
+    for status in ("429", "500", "503", "413", "502", "504", "408", "425"):
+        assert stats.responses[status] == 1, status
+    assert stats.responses["error"] == 2  # the reset and the slow answer
+    assert stats.responses["200"] == sum(stats.responses.values()) - 10
+    assert stats.request_seconds.count == sum(stats.responses.values())
+    slow = [n for bound, n in stats.request_seconds.cumulative() if bound >= 0.5]
+    assert slow[0] < stats.request_seconds.count  # not all were fast...
+    assert stats.request_seconds.total >= 0.5  # ...the slow one waited its 0.5 s deadline
 
 
 async def test_retry_after_as_http_date_and_health_while_failing(

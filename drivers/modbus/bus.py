@@ -10,11 +10,13 @@ keeps one transaction at a time on the line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Literal
 
 import attrs
 import trio
@@ -28,7 +30,7 @@ from drivers.modbus.codec import (
     Request,
     Response,
 )
-from drivers.modbus.config import ModbusDeviceConfig, ModbusPointConfig
+from drivers.modbus.config import ModbusDeviceConfig, ModbusPointConfig, find_point
 from drivers.modbus.link import Disconnected, Link, LinkStatistics
 from drivers.modbus.planner import PlannedRead, plan_device
 from gateway.core.component import UP, Condition, State
@@ -143,6 +145,7 @@ class ModbusBus:
         self.context = context
         self.link = link
         self.devices: dict[str, Device] = {d.name: Device(name, d) for d in devices}
+        self._device_configs = devices
         self._wall_clock = wall_clock
         self._rng = random.Random()
 
@@ -329,56 +332,76 @@ class ModbusBus:
             )
         )
 
-    # ---- writes ---------------------------------------------------------------------------
+    # ---- writes and reads on demand --------------------------------------------------------
 
     async def write(self, target: str, value: Value) -> None:
-        """Write ``value`` to ``device/point``; raises ``WriteError`` saying why not."""
-        device_name, _, point_name = target.partition("/")
-        device = self.devices.get(device_name)
-        point = device.points.get(point_name) if device else None
-        if device is None or point is None:
-            raise WriteError(f"bus {self.name!r} has no point {target!r}")
-        unit = device.config.unit_id
+        """Write ``value`` to ``device/point``; raises ``UnknownPoint`` or ``WriteError``
+        saying why not. The value is checked (``datatypes.encode_write``, as the config's
+        ``check_write`` does) before anything is sent."""
+        device_config, point = find_point(self.name, self._device_configs, target)
+        device = self.devices[device_config.name]
+        unit = device_config.unit_id
         where = f"{self.name}/{target}"
         device.stats.writes += 1
         try:
-            if point.table == "coil":
-                request = Request.write_coils(
-                    unit, point.address, [datatypes.encode_bit(point, value)]
-                )
-            elif point.bit is not None:
-                bit = datatypes.encode_bit(point, value)
-                current = await self._transact(
-                    device, Request.read("holding", unit, point.address, 1)
-                )
-                register = datatypes.set_bit(current.registers[0], point.bit, bit)
-                request = Request.write_registers(unit, point.address, [register])
-            else:
-                request = Request.write_registers(
-                    unit, point.address, datatypes.encode(point, value)
-                )
-            await self._transact(device, request)
+            payload = datatypes.encode_write(point, value)
         except WriteError as e:
             device.stats.write_errors += 1
             raise WriteError(f"{where}: {e}") from None
-        except TimeoutError:
+        try:
+            with self._failures(where, "write"):
+                if isinstance(payload, list):
+                    request = Request.write_registers(unit, point.address, payload)
+                elif point.table == "coil":
+                    request = Request.write_coils(unit, point.address, [payload])
+                else:  # a bit of a holding register: read, modify, write
+                    assert point.bit is not None
+                    current = await self._transact(
+                        device, Request.read("holding", unit, point.address, 1)
+                    )
+                    register = datatypes.set_bit(current.registers[0], point.bit, payload)
+                    request = Request.write_registers(unit, point.address, [register])
+                await self._transact(device, request)
+        except WriteError:
             device.stats.write_errors += 1
+            raise
+        log.info("wrote %s = %r", where, value, extra=kv(bus=self.name, device=device_config.name))
+
+    async def read(self, target: str) -> Value:
+        """Read ``device/point`` now: one request for the point's registers (or bit), decoded
+        as a poll decodes it. Raises ``UnknownPoint``, or ``WriteError`` when the device does
+        not answer, refuses, or holds a float that is not a number (a poll publishes that as a
+        bad reading). Leaves the poller's state (backoff, readings) alone."""
+        device_config, point = find_point(self.name, self._device_configs, target)
+        device = self.devices[device_config.name]
+        where = f"{self.name}/{target}"
+        request = Request.read(point.table, device_config.unit_id, point.address, point.width)
+        with self._failures(where, "read"):
+            response = await self._transact(device, request)
+        if point.is_bit_table:
+            return datatypes.decode_bit(point, response.bits[0])
+        value = datatypes.decode(point, response.registers[: point.width])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise WriteError(f"{where}: the device holds {value}, not a number")
+        return value
+
+    @contextlib.contextmanager
+    def _failures(self, where: str, action: Literal["write", "read"]) -> Iterator[None]:
+        """Turns what a transaction of an on-demand write or read may raise into a
+        ``WriteError`` naming the point."""
+        try:
+            yield
+        except TimeoutError:
             raise WriteError(f"{where}: no response within {self.link.timeout:g}s") from None
         except Disconnected as e:
-            device.stats.write_errors += 1
             raise WriteError(f"{where}: bus disconnected ({e})") from None
         except ModbusExceptionResponse as e:
-            device.stats.write_errors += 1
-            raise WriteError(f"{where}: device refused the write: {e.reason}") from None
+            raise WriteError(f"{where}: device refused the {action}: {e.reason}") from None
         except NotModbusError as e:
-            device.stats.write_errors += 1
             raise WriteError(f"{where}: {e}") from None
         except FrameError as e:
-            device.stats.write_errors += 1
-            raise WriteError(
-                f"{where}: corrupted response ({e}); the write may or may not have happened"
-            ) from None
-        log.info("wrote %s = %r", where, value, extra=kv(bus=self.name, device=device_name))
+            maybe = "; the write may or may not have happened" if action == "write" else ""
+            raise WriteError(f"{where}: corrupted response ({e}){maybe}") from None
 
     def condition(self) -> Condition:
         """Down while the link is (saying where and why), degraded while some device does not

@@ -2,19 +2,25 @@
 
 Addresses are 0-based protocol addresses as sent on the wire (a vendor's "40001" is holding
 register address 0). Everything the user can get wrong is checked here with a path.
+
+``check_write`` validates a write against the config without I/O, with the very function the
+bus's ``write`` encodes with (``datatypes.encode_write``), so the two never disagree.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import attrs
 
+from drivers.base import WriteError, unknown_point
+from drivers.modbus import datatypes
 from drivers.serialio import SerialPortConfig
 from gateway.core.configtypes import Duration, Name, duplicate_names
+from gateway.core.reading import Value
 
 Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal[
@@ -255,6 +261,9 @@ class ModbusRtuBusConfig(SerialPortConfig):
     def topics(self) -> Iterator[str]:
         return _topics(self.name, self.devices)
 
+    def check_write(self, target: str, value: Value) -> None:
+        check_write(self.name, self.devices, target, value)
+
     def stall_after(self) -> float:
         return _stall_after(self.devices, self.timeout, self.retries, self.backoff_max)
 
@@ -304,6 +313,9 @@ class ModbusTcpBusConfig:
 
     def topics(self) -> Iterator[str]:
         return _topics(self.name, self.devices)
+
+    def check_write(self, target: str, value: Value) -> None:
+        check_write(self.name, self.devices, target, value)
 
     def stall_after(self) -> float:
         return _stall_after(
@@ -364,6 +376,31 @@ def _topics(bus: str, devices: tuple[ModbusDeviceConfig, ...]) -> Iterator[str]:
     for d in devices:
         for p in d.points:
             yield f"{bus}/{d.name}/{p.name}"
+
+
+def find_point(
+    bus: str, devices: Sequence[ModbusDeviceConfig], target: str
+) -> tuple[ModbusDeviceConfig, ModbusPointConfig]:
+    """The device and point that ``target`` (``device/point``) names on bus ``bus``; raises
+    ``UnknownPoint`` (with the closest names) when there is none."""
+    device_name, _, point_name = target.partition("/")
+    for device in devices:
+        if device.name == device_name:
+            for point in device.points:
+                if point.name == point_name:
+                    return device, point
+    raise unknown_point(bus, target, (f"{d.name}/{p.name}" for d in devices for p in d.points))
+
+
+def check_write(bus: str, devices: Sequence[ModbusDeviceConfig], target: str, value: Value) -> None:
+    """What ``ModbusBus.write`` checks before any I/O, with the same messages: the point
+    exists (``UnknownPoint``), is writable, and ``value`` has its type and range
+    (``WriteError`` naming ``bus/device/point`` and what to send instead)."""
+    _, point = find_point(bus, devices, target)
+    try:
+        datatypes.encode_write(point, value)
+    except WriteError as e:
+        raise WriteError(f"{bus}/{target}: {e}") from None
 
 
 def _stall_after(

@@ -1,7 +1,9 @@
 """Registers <-> values for Modbus points, and the report-by-exception filter.
 
-Pure: no I/O, no clocks (the caller passes ``now``). Depends only on the point config, the
-``WriteError`` of ``drivers.base`` and the ``Value`` type of ``gateway.core.reading``.
+Pure: no I/O, no clocks (the caller passes ``now``). Depends only on the ``WriteError`` of
+``drivers.base`` and the ``Value`` type of ``gateway.core.reading``, and on the point config's
+type for annotations only: the config module validates writes with ``encode_write`` (its
+``check_write``), so it imports this one.
 
 Byte/word order follows Telegraf: the four-letter names apply to every width (``ABCD`` big
 endian, ``BADC`` bytes swapped in each register, ``CDAB`` registers reversed, ``DCBA`` both,
@@ -20,11 +22,13 @@ import math
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from drivers.base import WriteError
-from drivers.modbus.config import ModbusPointConfig, Order
 from gateway.core.reading import Value
+
+if TYPE_CHECKING:
+    from drivers.modbus.config import ModbusPointConfig, Order
 
 # type -> (struct format for big-endian bytes, integer range or None for floats)
 _FORMATS: Final[dict[str, tuple[str, tuple[int, int] | None]]] = {
@@ -286,6 +290,16 @@ def encode_bit(point: ModbusPointConfig, value: Value) -> bool:
             f"{point.name} is a bool: send true or false, not {_type_name(value)} {value!r}"
         )
     return value
+
+
+def encode_write(point: ModbusPointConfig, value: Value) -> bool | list[int]:
+    """What a write of ``value`` to ``point`` sends: the bit of a bool point (a coil, or a
+    bit of a holding register to combine with ``set_bit``), or the registers of any other.
+    Raises ``WriteError`` as ``encode`` / ``encode_bit`` do: every check a write makes before
+    any I/O, which is why ``check_write`` of the bus config calls this too."""
+    if point.type == "bool":
+        return encode_bit(point, value)
+    return encode(point, value)
 
 
 def set_bit(register: int, bit: int, value: bool) -> int:
