@@ -69,6 +69,7 @@ from gateway.commands import (
 from gateway.core.commands import CommandRecord, CommandRejected, Source, Unavailable
 from gateway.core.component import Condition, State
 from gateway.core.configtypes import Duration, Secret, Size, format_duration
+from gateway.core.logs import kv
 from gateway.core.reading import Reading, iso_utc
 from gateway.deviceauth import ClientCaError, EncryptedKey, normalize_origin
 from gateway.deviceplane import DevicePlaneStatistics
@@ -146,7 +147,8 @@ class ApiUser:
     name: str
     password_scrypt: str = attrs.field(repr=False)
     """``scrypt$<n>$<r>$<p>$<salt base64>$<hash base64>`` (``edge-gateway hash-password``)."""
-    role: Role = "operator"
+    role: Role = "viewer"
+    """Viewer unless said: a user table that forgets ``role`` must not get command rights."""
     """``operator``: everything; ``viewer``: read-only (no commands)."""
 
     def check(self) -> Iterator[tuple[str, str]]:
@@ -1166,7 +1168,7 @@ class Api:
         elif path == "/api/v1/live":
             await self._live(request, out)
         elif request.method == "POST":
-            await self._post_command(request, out, xml=xml)
+            await self._post_command(request, out, xml=xml, user=user.name)
         elif path == "/api/v1/commands":
             await self._list_commands(request, out, xml=xml)
         else:
@@ -1321,7 +1323,9 @@ class Api:
             if not message.get("more_body"):
                 return bytes(body)
 
-    async def _post_command(self, request: _Request, out: _Responder, *, xml: bool) -> None:
+    async def _post_command(
+        self, request: _Request, out: _Responder, *, xml: bool, user: str
+    ) -> None:
         router = self.services.router()
         if router is None:
             await out.error(
@@ -1352,9 +1356,18 @@ class Api:
             )
             record = await router.execute(command, Source.API)
         except CommandRejected as e:
+            # The caller gets the reason; the journal too, for whoever looks there first.
+            log.warning(
+                "command refused (%d %s): %s",
+                e.status,
+                e.code,
+                e.message,
+                extra=kv(user=user, peer=request.peer),
+            )
             await out.error(e.status, e.code, e.message, xml=xml)
             return
         except Unavailable as e:
+            log.warning("command not executed: %s", e, extra=kv(user=user, peer=request.peer))
             await out.error(503, "unavailable", str(e), xml=xml)
             return
         await self._record(record, out, xml=xml)

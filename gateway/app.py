@@ -410,12 +410,13 @@ class BusTargets:
 
     def check_write(self, target: ModbusTarget, value: Value) -> None:
         bus = self._bus_config(target)
+        # The drivers' messages name the bus, device and point already.
         try:
             bus.check_write(f"{target.device}/{target.point}", value)
         except UnknownPoint as e:
-            raise CommandRejected(404, "unknown-target", f"{target}: {e}") from None
+            raise CommandRejected(404, "unknown-target", str(e)) from None
         except WriteError as e:
-            raise CommandRejected(422, "not-writable", f"{target}: {e}") from None
+            raise CommandRejected(422, "not-writable", str(e)) from None
 
     def _running(self, target: ModbusTarget) -> Bus:
         self._bus_config(target)

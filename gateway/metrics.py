@@ -79,6 +79,7 @@ class _Snapshot:
         yield from _cpi(
             [c.part for c in self.stats.components if isinstance(c.part, ForwarderStatistics)]
         )
+        yield from _api([c.part for c in self.stats.components if c.kind == "api"])
         if self.commands is not None:
             yield from _commands(self.commands)
 
@@ -218,6 +219,26 @@ def _outbox(outboxes: list[OutboxStatistics]) -> Iterator[Metric]:
     dropped.add_metric(["full"], o.dropped_full)
     dropped.add_metric(["rejected"], o.rejected)
     yield dropped
+
+
+def _api(parts: list[object]) -> Iterator[Metric]:
+    """The API's own requests (``gateway.api.ApiStatistics``, read by name: the API imports
+    this module), so refused logins can be graphed and alerted on."""
+    if not parts or parts[0] is None:
+        return
+    api = parts[0]
+    requests = CounterMetricFamily(
+        _name("api_requests"), "Requests to the HTTPS API by HTTP status.", labels=["status"]
+    )
+    by_status: Mapping[str, int] = getattr(api, "by_status", {})
+    for status, count in sorted(by_status.items()):
+        requests.add_metric([status], count)
+    yield requests
+    failures = _number(api, "auth_failures")
+    if failures is not None:
+        yield _counter(
+            "api_auth_failures", "API requests refused for a wrong user or password.", failures
+        )
 
 
 def _cpi(forwarders: list[ForwarderStatistics]) -> Iterator[Metric]:

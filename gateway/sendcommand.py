@@ -23,6 +23,7 @@ import ssl
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -117,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with httpx.Client(base_url=url, verify=verify, auth=auth, timeout=None) as client:
             if body is None:
-                response = client.get(f"/api/v1/commands/{args.status}")
+                response = client.get(f"/api/v1/commands/{quote(args.status, safe='')}")
             else:
                 # The API answers within the command's timeout; allow for the round trip.
                 response = client.post("/api/v1/commands", json=body)

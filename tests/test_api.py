@@ -70,7 +70,7 @@ VIEWER = ("engineer", "viewer password 42")
 @pytest.fixture(scope="module")
 def users() -> tuple[ApiUser, ...]:
     return (
-        ApiUser(OPERATOR[0], hash_password(OPERATOR[1])),
+        ApiUser(OPERATOR[0], hash_password(OPERATOR[1]), role="operator"),
         ApiUser(VIEWER[0], hash_password(VIEWER[1]), role="viewer"),
     )
 

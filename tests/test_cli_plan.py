@@ -141,6 +141,7 @@ def test_the_examples_are_all_there() -> None:
         "energy-meter-rtu.toml",
         "plc-modbus-tcp.toml",
         "hmi-device-plane.toml",
+        "cpi-commands.toml",
     } <= names
 
 
@@ -158,6 +159,8 @@ def test_example_passes_check_config(
         cert = trustme.CA().issue_cert("gateway.plant.local")
         cert.cert_chain_pems[0].write_to_path(str(tmp_path / "gateway.crt"))
         cert.private_key_pem.write_to_path(str(tmp_path / "gateway.key"))
+    if "cpi-client-secret" in text:  # the service key's secret, as its *_file names it
+        (tmp_path / "cpi-client-secret").write_text("secret-of-the-service-key\n")
     result = run_gateway("check-config", "--plan", "--config", str(copy))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"{copy}: OK"

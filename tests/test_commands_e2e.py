@@ -124,6 +124,7 @@ ready_cpi_failing_after = "1min"
 [[api.users]]
 name = "{OPERATOR}"
 password_scrypt = "{password_hash(OPERATOR_PASSWORD)}"
+role = "operator"
 
 [[api.users]]
 name = "{VIEWER}"

@@ -312,3 +312,16 @@ def test_label_values_are_escaped() -> None:
     )
     samples = parse(metrics.render(stats))
     assert value(samples, "edge_gateway_bus_polls_total", bus='odd "bus"\\\n', device="m\n1") == 120
+
+
+def test_api_requests_and_refused_logins() -> None:
+    from gateway.api import ApiStatistics
+
+    api = ApiStatistics(requests=12, by_status={"200": 9, "401": 3}, auth_failures=2, port=9443)
+    samples = parse(metrics.render(gateway_statistics([component("api", "api", api)])))
+    assert value(samples, "edge_gateway_api_requests_total", status="200") == 9
+    assert value(samples, "edge_gateway_api_requests_total", status="401") == 3
+    assert value(samples, "edge_gateway_api_auth_failures_total") == 2
+    # Between attempts the API has no statistics: no series, no crash.
+    samples = parse(metrics.render(gateway_statistics([component("api", "api", None)])))
+    assert "edge_gateway_api_requests" not in samples
