@@ -892,7 +892,7 @@ class Gateway:
         )
 
 
-PLURALS = {"bus": "buses", "cpi": "cpi"}
+PLURALS = {"bus": "buses", "cpi": "cpi", "commands": "commands", "api": "api"}
 SINGLETONS = {"outbox", "device plane", "cpi", "api", "commands"}
 """Kinds of which a gateway has one: ``device plane up`` says all there is."""
 REASONS_SHOWN = 3

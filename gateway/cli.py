@@ -324,7 +324,8 @@ def demo() -> int:
             state_dir,
         )
         log.info(
-            "demo: devices connect to wss://127.0.0.1:%d with token %s (made for this run); "
+            "demo: devices connect to wss://127.0.0.1:%d as client demo-device with token %s "
+            "(made for this run); "
             "the certificate is self-signed (%s %s): trust that file, e.g. 'edge-gateway tail "
             "--ca %s'; on this machine just run 'edge-gateway tail'",
             plane.port,
@@ -341,8 +342,10 @@ def demo() -> int:
         )
         log.info(
             "demo: status page https://127.0.0.1:%d/ (user %s, password %s); the same "
-            "certificate; try 'edge-gateway send-command --url https://127.0.0.1:%d --ca %s "
-            "--user %s modbus:plc/meter/power_limit 4.5' with EDGE_GATEWAY_PASSWORD set",
+            "certificate; writable: plc/meter/power_limit (0..6 kW) and plc/meter/relay; "
+            "try 'edge-gateway send-command --url https://127.0.0.1:%d --ca %s "
+            "--user %s modbus:plc/meter/power_limit 4.5' with EDGE_GATEWAY_PASSWORD set; "
+            "commands to the wss client go to device:demo-device",
             api.port,
             demo_mod.API_USER,
             api.password,

@@ -342,7 +342,15 @@ def parse_config(
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, [("", f"TOML syntax error: {e}")]) from None
+        hint = ""
+        if str(e).startswith(("Cannot declare", "Cannot overwrite")):
+            # The usual cause: a second [api.users] (or [buses], [device_plane.clients])
+            # with single brackets, which TOML reads as the same table again.
+            hint = (
+                "; a table written twice? Each entry of a list of tables needs two brackets: "
+                "[[buses]], [[buses.devices]], [[device_plane.clients]], [[api.users]]"
+            )
+        raise ConfigError(source, [("", f"TOML syntax error: {e}{hint}")]) from None
     except RecursionError:
         # tomllib recurses per level; where it gives up depends on the caller's stack.
         raise ConfigError(source, [("", _TOO_DEEP)]) from None

@@ -123,9 +123,17 @@ def main(args: argparse.Namespace) -> int:
                 # The API answers within the command's timeout; allow for the round trip.
                 response = client.post("/api/v1/commands", json=body)
     except httpx.HTTPError as e:
-        print(f"edge-gateway send-command: cannot reach the API at {url}: {e}", file=sys.stderr)
+        hint = ""
+        if "CERTIFICATE_VERIFY_FAILED" in str(e):
+            hint = " (give the gateway's certificate or its CA with --ca)"
+        elif url.startswith("http://") and isinstance(e, httpx.RemoteProtocolError):
+            hint = " (does the API use TLS? try https://)"
+        print(
+            f"edge-gateway send-command: cannot reach the API at {url}: {e}{hint}",
+            file=sys.stderr,
+        )
         return EX_UNAVAILABLE
-    return report(response, as_json=args.json)
+    return report(response, as_json=args.json, user=args.user)
 
 
 def build_body(args: argparse.Namespace) -> dict[str, object]:
@@ -157,7 +165,9 @@ def build_body(args: argparse.Namespace) -> dict[str, object]:
             arguments[key] = _scalar(value)
         body["args"] = arguments
     if args.timeout:
-        body["timeout"] = args.timeout
+        # "5" is 5 seconds, as the API takes a number; "5s" goes as the duration it is.
+        timeout = _scalar(args.timeout)
+        body["timeout"] = timeout if isinstance(timeout, int | float) else args.timeout
     if args.expires:
         body["expires"] = args.expires
     return body
@@ -236,7 +246,7 @@ def read_password(path: Path | None) -> str:
     raise Refused(f"no password: give --password-file, or set ${PASSWORD_ENV}", 2)
 
 
-def report(response: httpx.Response, *, as_json: bool) -> int:
+def report(response: httpx.Response, *, as_json: bool, user: str = "") -> int:
     try:
         data = response.json()
     except ValueError:
@@ -247,7 +257,12 @@ def report(response: httpx.Response, *, as_json: bool) -> int:
         return EX_UNAVAILABLE
     error = data.get("error")
     if isinstance(error, dict):
-        print(f"refused ({status} {error.get('code')}): {error.get('message')}", file=sys.stderr)
+        message = error.get("message")
+        if status == 401:
+            message = (
+                f"wrong user or password for {user!r} (an [[api.users]] name and its password)"
+            )
+        print(f"refused ({status} {error.get('code')}): {message}", file=sys.stderr)
         if status in (401, 403):
             return EX_NOPERM
         return EX_UNAVAILABLE if status >= 500 else EX_DATAERR
@@ -264,5 +279,10 @@ def report(response: httpx.Response, *, as_json: bool) -> int:
     if state == "done":
         return 0
     if state in ("pending", "delivered"):
+        if not as_json:
+            print(
+                f"not finished yet; ask again with: edge-gateway send-command --status "
+                f"{data.get('id')} (with the same --user and address)"
+            )
         return EX_TEMPFAIL
     return FAILED

@@ -224,6 +224,9 @@ class Supervised:
                         raise RuntimeError("component returned; it should run until cancelled")
                     except Exception as exc:  # a component failure, never Cancelled
                         if not reported and self.policy is StartPolicy.REQUIRED:
+                            # Not started: whoever waits in nursery.start() gets the error
+                            # (and READY=1 is never sent), not a component that "started".
+                            reported = True
                             raise self._startup_error(exc) from None
                         healthy_for = 0.0 if up_at is None else trio.current_time() - up_at
                         delay = self._failed(exc, healthy_for)
@@ -262,7 +265,8 @@ class Supervised:
         exc = _unwrap(exc)
         if isinstance(exc, StartupError):
             return exc
-        return StartupError(f"{self.kind} {self.name} cannot start: {describe_error(exc)}")
+        what = self.name if self.kind == self.name else f"{self.kind} {self.name}"
+        return StartupError(f"{what} cannot start: {describe_error(exc)}")
 
     def _failed(self, exc: BaseException, healthy_for: float) -> float:
         exc = _unwrap(exc)

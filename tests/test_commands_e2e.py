@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -26,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api import hash_password
 from gateway.deviceauth import hash_token
-from tests.conftest import ROOT, TIMEOUT, Daemon, gateway_command, gateway_env
+from tests.conftest import ROOT, TIMEOUT, Daemon, NotifySocket, gateway_command, gateway_env
 from tests.modbus_peer import ModbusPeer, device, free_port
 
 OPERATOR, OPERATOR_PASSWORD = "cpi", "correct horse battery staple"
@@ -452,3 +453,37 @@ def test_send_command_cli_goes_through_the_api(gateway: Gateway, plc: ModbusPeer
     )  # fmt: skip
     assert refused.returncode == 65, refused.stderr
     assert "max" in refused.stderr
+
+
+def test_an_api_port_in_use_ends_the_gateway_without_ready(
+    gateway_config: Callable[..., Path],
+    daemon: Callable[..., Daemon],
+    notify_listener: NotifySocket,
+    tls_dir: Path,
+) -> None:
+    # systemd must not hear READY=1 from a gateway whose API cannot listen: it exits 69.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = gateway_config(
+            f"""
+[api]
+listen = "127.0.0.1"
+port = {port}
+tls_cert_file = '{tls_dir / "cert.pem"}'
+tls_key_file = '{tls_dir / "key.pem"}'
+
+[[api.users]]
+name = "{OPERATOR}"
+password_scrypt = "{password_hash(OPERATOR_PASSWORD)}"
+role = "operator"
+"""
+        )
+        d = daemon(config)
+        assert d.wait_exit() == 69
+    assert not [m for m in notify_listener.drain() if "READY=1" in m]
+    critical = [line for line in d.lines if "CRITICAL" in line]
+    assert critical, d.lines
+    assert f"cannot listen on 127.0.0.1:{port}" in critical[0]
+    assert "api api" not in critical[0]

@@ -42,7 +42,7 @@ def demo(tmp_path: Path) -> Iterator[Daemon]:
 
 def test_demo_serves_wss_with_its_self_signed_certificate(demo: Daemon, tmp_path: Path) -> None:
     line = demo.wait_for_log("demo: devices connect to wss://127.0.0.1:")
-    match = re.search(r"wss://127\.0\.0\.1:(\d+) with token (\S+) ", line)
+    match = re.search(r"wss://127\.0\.0\.1:(\d+) as client demo-device with token (\S+) ", line)
     assert match is not None, line
     port, token = int(match.group(1)), match.group(2)
     cert = tmp_path / "data" / "edge-gateway" / "demo-cert.pem"
