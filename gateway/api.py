@@ -339,6 +339,11 @@ class ApiSection:
             + (f" ({who})" if who else "")
             + f", commands wait {format_duration(self.command_timeout)} "
             f"(at most {format_duration(self.max_command_timeout)})"
+            + (
+                ""
+                if roles["operator"]
+                else '; no operator: nobody can send commands (role = "operator" allows it)'
+            )
         )
 
 
@@ -525,7 +530,8 @@ def hash_password_command(
         return 2
     if len(password) < MIN_PASSWORD_LENGTH:
         print(
-            f"hash-password: warning: a password of {len(password)} characters is easy to "
+            f"hash-password: warning: a password of {len(password)} character"
+            f"{'' if len(password) == 1 else 's'} is easy to "
             f"guess; use at least {MIN_PASSWORD_LENGTH}",
             file=stderr,
         )

@@ -981,6 +981,10 @@ def test_restart_key_and_describe(section: ApiSection, users: tuple[ApiUser, ...
         "api: https://127.0.0.1:9443/, HTTPS, 2 users (1 operator, 1 viewer), "
         "commands wait 10s (at most 1min)"
     )
+    viewers_only = attrs.evolve(section, port=9443, users=users[1:])
+    assert viewers_only.describe().endswith(
+        '; no operator: nobody can send commands (role = "operator" allows it)'
+    )
 
 
 # ---- passwords ----------------------------------------------------------------------------------
