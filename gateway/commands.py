@@ -103,6 +103,10 @@ FINAL_STATES = tuple(s.value for s in CommandState if s.final)
 _T = TypeVar("_T")
 
 
+MIN_TIMEOUT = 0.1
+"""Seconds: less leaves a write no chance to finish and records it as "may or may not"."""
+
+
 @attrs.frozen
 class CommandLimits:
     default_timeout: float = 10.0
@@ -383,20 +387,16 @@ def _request(body: _Body, now: float, limits: CommandLimits) -> CommandRequest:
             f"args and value are {size} bytes as JSON: at most {limits.max_args_bytes}",
         )
     timeout = limits.default_timeout if body.timeout is None else body.timeout
-    if not 0 < timeout <= limits.max_timeout:
+    if not MIN_TIMEOUT <= timeout <= limits.max_timeout:
         raise CommandRejected(
             422,
             "bad-timeout",
-            f"timeout: {timeout:g}s: send more than 0 and at most {limits.max_timeout:g}s",
+            f"timeout: {timeout:g}s: send at least {MIN_TIMEOUT:g}s and at most "
+            f"{limits.max_timeout:g}s",
         )
     expires = now + limits.default_expiry if body.expires is None else body.expires
-    if expires <= now:
-        raise CommandRejected(
-            422,
-            "expired",
-            f"expires: {_iso(expires)} has passed (the gateway's time is {_iso(now)}): send a "
-            "later time, or leave expires out",
-        )
+    # An expires in the past is refused by the router, not here: a repeat of an id that ran
+    # before its expires must get that first result back, not "refused".
     if expires > now + limits.max_expiry:
         raise CommandRejected(
             422,
@@ -1343,6 +1343,14 @@ class CommandRouter:
         """A new command: check it, record it as pending (on disk before anything runs or
         is answered) and run it."""
         self._running()
+        now = self._wall()
+        if request.expires <= now:
+            raise CommandRejected(
+                422,
+                "expired",
+                f"expires: {_iso(request.expires)} has passed (the gateway's time is "
+                f"{_iso(now)}): send a later time, or leave expires out",
+            )
         target = request.target
         devices = None
         if isinstance(target, ModbusTarget):
