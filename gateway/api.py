@@ -105,6 +105,14 @@ MIN_PASSWORD_LENGTH = 12
 MAX_USER_NAME = 64
 
 VERIFY_THREADS = 2
+MAX_VERIFYING = 8
+"""Password checks (scrypt) waiting or running at once; beyond, a login gets 503 at once, so
+a flood of wrong passwords cannot queue up minutes of work in front of CPI's next call."""
+PEER_FAILURES = 10
+"""Failed logins from one address per ``PEER_WINDOW`` before it is refused without a check."""
+PEER_WINDOW = 60.0
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS handshake may take."""
 """scrypt verifications at a time: the rest wait, the event loop never does."""
 AUTH_CACHE_SECONDS = 300.0
 """How long a successful verification is remembered."""
@@ -936,6 +944,17 @@ class _AuthFailures:
         return self.suppressed.pop(peer, 0)
 
 
+class _Busy(Exception):
+    """A login refused before its password is checked: 503 (too many checks at once) or 429
+    (this address failed too often), with when to try again."""
+
+    def __init__(self, status: int, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
 class Api:
     """The HTTPS API (a supervisor ``Part``). ``port`` is the bound port once started."""
 
@@ -954,6 +973,9 @@ class Api:
         self._users = {u.name: u for u in section.users}
         self._ssl_context: ssl.SSLContext | None = None
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
+        self._verifying = 0
+        self._peer_failures: dict[str, tuple[float, int]] = {}
+        """Per address: when its current window of failed logins started, and how many."""
         self._verified: dict[bytes, float] = {}
         """SHA-256 of (user, password, stored hash) -> when the success is forgotten."""
         self._failures = _AuthFailures()
@@ -1013,6 +1035,9 @@ class Api:
         # No read timeout: a caller waiting up to max_command_timeout for its answer sends
         # nothing meanwhile, and hypercorn would close that connection under it.
         config.read_timeout = None
+        # A connection that never finishes its TLS handshake is dropped after 10 s (as the
+        # device plane's handshake_timeout), not hypercorn's 60 s: idle sockets cost fds.
+        config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT
         api = self
 
         class _Started:
@@ -1140,7 +1165,17 @@ class Api:
         if path == "/healthz":
             await out.json(200, {"status": "alive"})
             return
-        user = await self._authenticate(request)
+        try:
+            user = await self._authenticate(request)
+        except _Busy as e:
+            await out.error(
+                e.status,
+                "busy" if e.status == 503 else "too-many-failures",
+                e.message,
+                [("retry-after", str(e.retry_after))],
+                xml=xml,
+            )
+            return
         if user is None:
             await out.error(
                 401,
@@ -1207,12 +1242,44 @@ class Api:
         if user is not None and expires is not None and now < expires:
             await trio.lowlevel.checkpoint()
             return user
-        ok = await trio.to_thread.run_sync(verify_password, password, stored, limiter=self._limiter)
+        self._check_peer(request.peer, now)
+        if self._verifying >= MAX_VERIFYING:
+            raise _Busy(503, "too many logins are being checked at once: try again in a moment", 1)
+        self._verifying += 1
+        try:
+            ok = await trio.to_thread.run_sync(
+                verify_password, password, stored, limiter=self._limiter
+            )
+        finally:
+            self._verifying -= 1
         if user is None or not ok:
             self._failed(request, name, "unknown user" if user is None else "wrong password")
             return None
         self._remember(key, trio.current_time())
         return user
+
+    def _check_peer(self, peer: str, now: float) -> None:
+        """Refuse, without a password check, an address that failed too often lately."""
+        start, count = self._peer_failures.get(peer, (now, 0))
+        if now - start >= PEER_WINDOW:
+            self._peer_failures.pop(peer, None)
+            return
+        if count >= PEER_FAILURES:
+            wait = max(1, round(start + PEER_WINDOW - now))
+            raise _Busy(
+                429,
+                f"{count} failed logins from {peer} within {PEER_WINDOW:g}s: wait {wait}s, "
+                "then use the right user name and password",
+                wait,
+            )
+
+    def _count_peer_failure(self, peer: str, now: float) -> None:
+        start, count = self._peer_failures.get(peer, (now, 0))
+        if now - start >= PEER_WINDOW:
+            start, count = now, 0
+        if peer not in self._peer_failures and len(self._peer_failures) >= AUTH_CACHE_SIZE:
+            self._peer_failures.clear()  # bounded, however many addresses try
+        self._peer_failures[peer] = (start, count + 1)
 
     def _remember(self, key: bytes, now: float) -> None:
         if len(self._verified) >= AUTH_CACHE_SIZE:
@@ -1226,6 +1293,7 @@ class Api:
         if name is None and "authorization" not in request.headers:
             return  # a first request without credentials is how browsers ask: not a failure
         self.auth_failures += 1
+        self._count_peer_failure(request.peer, trio.current_time())
         suppressed = self._failures.should_log(request.peer, trio.current_time())
         if suppressed is None:
             return

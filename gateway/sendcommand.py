@@ -17,6 +17,7 @@ import argparse
 import getpass
 import ipaddress
 import json
+import math
 import os
 import secrets
 import ssl
@@ -179,6 +180,8 @@ def _scalar(text: str) -> object:
         value = json.loads(text)
     except ValueError:
         return text
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Refused(f"{text!r} is not a finite number: send a number, true, false or text", 2)
     return value if not isinstance(value, dict | list) else text
 
 

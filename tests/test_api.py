@@ -332,6 +332,40 @@ async def test_401_is_the_same_for_no_auth_a_bad_password_and_an_unknown_user(
     assert OPERATOR[1] not in caplog.text
 
 
+async def test_an_address_that_keeps_failing_is_refused_without_a_password_check(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def counting(password: str, stored: str) -> bool:
+        calls.append(password)
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(api_module, "verify_password", counting)
+    async with server.client(auth=(OPERATOR[0], "wrong")) as c:
+        for _ in range(api_module.PEER_FAILURES):
+            assert (await c.get("/readyz")).status_code == 401
+        r = await c.get("/readyz")
+    assert r.status_code == 429
+    assert error(r)["code"] == "too-many-failures"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert len(calls) == api_module.PEER_FAILURES  # the 11th cost no scrypt
+    # Even the right password waits out the window from that address: no guessing through.
+    async with server.client() as c:
+        assert (await c.get("/readyz")).status_code == 429
+
+
+async def test_too_many_password_checks_at_once_get_503_at_once(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.api, "_verifying", api_module.MAX_VERIFYING)
+    async with server.client(auth=(OPERATOR[0], "not cached")) as c:
+        r = await c.get("/readyz")
+    assert r.status_code == 503
+    assert error(r)["code"] == "busy"
+    assert r.headers["retry-after"] == "1"
+
+
 async def test_a_success_is_remembered_a_failure_is_not(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
