@@ -29,6 +29,12 @@ class WriteError(Exception):
     change."""
 
 
+class WriteUncertain(WriteError):
+    """A write that was sent, or may have been, without a clear answer (no response, the
+    connection lost, a corrupted answer, the bus stopped under it): it may or may not have
+    happened. A refusal by the device is a plain ``WriteError``: then it did not."""
+
+
 class UnknownPoint(WriteError):
     """The target names no point of this bus (an unknown device or point)."""
 
@@ -95,12 +101,13 @@ class BusConfig(Protocol):
         ``10.0.0.5:502``, ``simulated``."""
         ...
 
-    def check_write(self, target: str, value: Value) -> None:
+    def check_write(self, target: str, value: Value) -> Value:
         """Whether the bus's ``write`` would accept ``value`` for ``target``
-        (``device/point``), from the config alone: no I/O. Raises ``UnknownPoint`` when no
-        such device or point is configured, ``WriteError`` when the point is not writable or
-        the value has the wrong type or is out of range; the message is the one ``write``
-        gives for the same case."""
+        (``device/point``), from the config alone: no I/O. Returns the value the point will
+        hold, which a register's resolution may round (``12.34`` on a point with scale 0.1
+        is ``12.3``). Raises ``UnknownPoint`` when no such device or point is configured,
+        ``WriteError`` when the point is not writable or the value has the wrong type or is
+        out of range; the message is the one ``write`` gives for the same case."""
         ...
 
 

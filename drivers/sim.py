@@ -79,9 +79,9 @@ class SimBusConfig:
         known = (f"{d.name}/{p.name}" for d in self.devices for p in d.points)
         raise unknown_point(self.name, target, known)
 
-    def check_write(self, target: str, value: Value) -> None:
+    def check_write(self, target: str, value: Value) -> Value:
         """Only setpoints are writable, with a number in low..high (``SimBus.write`` applies
-        exactly this)."""
+        exactly this); the setpoint then holds it as a float."""
         point = self.point(target)
         where = f"{self.name}/{target}"
         if point.signal != "setpoint":
@@ -95,6 +95,7 @@ class SimBusConfig:
                 f"{value} is outside {where}'s range {point.low}..{point.high}; send a number "
                 "in that range"
             )
+        return float(value)
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.devices:

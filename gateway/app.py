@@ -41,7 +41,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from drivers.base import Bus, BusConfig, BusContext, UnknownPoint, WriteError
+from drivers.base import Bus, BusConfig, BusContext, UnknownPoint, WriteError, WriteUncertain
 from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
@@ -51,7 +51,7 @@ from gateway.commands import CommandLimits, CommandRouter
 from gateway.config import EX_CONFIG, Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
 from gateway.core.backoff import Backoff
-from gateway.core.commands import CommandRejected, ModbusTarget, Unavailable
+from gateway.core.commands import CommandRejected, ModbusTarget, OutcomeUnknown, Unavailable
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
 from gateway.core.configtypes import Duration, format_duration
 from gateway.core.logs import kv
@@ -408,11 +408,11 @@ class BusTargets:
             404, "unknown-target", f"{target}: no bus {target.bus!r} (configured: {names})"
         )
 
-    def check_write(self, target: ModbusTarget, value: Value) -> None:
+    def check_write(self, target: ModbusTarget, value: Value) -> Value:
         bus = self._bus_config(target)
         # The drivers' messages name the bus, device and point already.
         try:
-            bus.check_write(f"{target.device}/{target.point}", value)
+            return bus.check_write(f"{target.device}/{target.point}", value)
         except UnknownPoint as e:
             raise CommandRejected(404, "unknown-target", str(e)) from None
         except WriteError as e:
@@ -433,7 +433,10 @@ class BusTargets:
         return part  # type: ignore[return-value]
 
     async def write(self, target: ModbusTarget, value: Value) -> None:
-        await self._running(target).write(f"{target.device}/{target.point}", value)
+        try:
+            await self._running(target).write(f"{target.device}/{target.point}", value)
+        except WriteUncertain as e:
+            raise OutcomeUnknown(str(e)) from None
 
     async def read(self, target: ModbusTarget) -> Value:
         return await self._running(target).read(f"{target.device}/{target.point}")

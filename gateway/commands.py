@@ -63,6 +63,7 @@ from gateway.core.commands import (
     Json,
     ModbusTarget,
     ModbusTargets,
+    OutcomeUnknown,
     Source,
     Target,
     Unavailable,
@@ -1428,12 +1429,17 @@ class CommandRouter:
         target = request.target
         assert isinstance(target, ModbusTarget)
         written = False
+        held: Value = request.value
         try:
             try:
+                # What the point will hold: a register's resolution may round the value.
+                held = self._modbus.check_write(target, request.value)
                 with trio.fail_after(request.timeout):
                     await self._modbus.write(target, request.value)
                     written = True
-                    result: dict[str, object] = {"written": request.value}
+                    result: dict[str, object] = {"written": held}
+                    if held != request.value:
+                        result["requested"] = request.value
                     if request.read_back:
                         result["read_back"] = await self._modbus.read(target)
             except (Unavailable, CommandRejected) as e:
@@ -1451,8 +1457,12 @@ class CommandRouter:
                     CommandState.FAILED,
                     self._wall(),
                     status=502,
-                    result={"written": request.value},
+                    result={"written": held},
                     error=f"written, but reading it back failed: {e}",
+                )
+            except OutcomeUnknown as e:
+                outcome.record = self._change(
+                    record, CommandState.FAILED, self._wall(), status=504, error=str(e)
                 )
             except trio.TooSlowError:
                 outcome.record = self._change(
@@ -1460,7 +1470,7 @@ class CommandRouter:
                     CommandState.FAILED,
                     self._wall(),
                     status=504,
-                    result={"written": request.value} if written else None,
+                    result={"written": held} if written else None,
                     error=(
                         f"written, but reading it back gave no result within {request.timeout:g}s"
                         if written
@@ -1474,7 +1484,7 @@ class CommandRouter:
                     CommandState.FAILED,
                     self._wall(),
                     status=502,
-                    result={"written": request.value} if written else None,
+                    result={"written": held} if written else None,
                     error=(f"written, but reading it back failed: {e}" if written else str(e))
                     or type(e).__name__,
                 )

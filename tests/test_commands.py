@@ -34,6 +34,7 @@ from gateway.core.commands import (
     CommandState,
     DeviceTarget,
     ModbusTarget,
+    OutcomeUnknown,
     Source,
     Unavailable,
 )
@@ -394,11 +395,12 @@ class FakeModbus:
     def key(target: ModbusTarget) -> str:
         return f"{target.bus}/{target.device}/{target.point}"
 
-    def check_write(self, target: ModbusTarget, value: Value) -> None:
+    def check_write(self, target: ModbusTarget, value: Value) -> Value:
         if self.key(target) not in self.points:
             raise CommandRejected(404, "unknown-target", f"no point {target}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CommandRejected(422, "wrong-type", f"{value!r} is not a number")
+        return round(value, 1)  # a register with a resolution of 0.1
 
     async def write(self, target: ModbusTarget, value: Value) -> None:
         self.write_started.set()
@@ -521,6 +523,27 @@ async def test_write_done_with_read_back(db: Path, bus: FakeModbus, devices: Fak
             "expired": 0,
         }
         assert stats.executed == 2
+
+
+async def test_the_result_says_what_the_point_holds_when_its_resolution_rounds(
+    db: Path, bus: FakeModbus, devices: FakeDevices
+) -> None:
+    async with running(db, bus, devices) as router:
+        rec = await router.execute(request(modbus(value=12.34)), Source.API)
+    assert rec.state is CommandState.DONE
+    assert rec.result == {"written": 12.3, "requested": 12.34}
+
+
+async def test_a_write_without_a_clear_answer_is_504_may_or_may_not(
+    db: Path, bus: FakeModbus, devices: FakeDevices
+) -> None:
+    bus.fail = OutcomeUnknown("plc/meter/setpoint: no response within 1s; the write may or may "
+                              "not have happened")  # fmt: skip
+    async with running(db, bus, devices) as router:
+        rec = await router.execute(request(modbus()), Source.API)
+    assert (rec.state, rec.status) == (CommandState.FAILED, 504)
+    assert rec.error is not None
+    assert "may or may not" in rec.error
 
 
 async def test_write_error_is_failed_502(db: Path, bus: FakeModbus, devices: FakeDevices) -> None:

@@ -218,6 +218,19 @@ def test_a_write_lands_in_the_devices_datastore_once_per_id(
 
         assert api.get("/api/v1/commands/cpi-1").json()["state"] == "done"
 
+        # The register holds tenths: 12.34 becomes 12.3, and the result says so.
+        r = api.post(
+            "/api/v1/commands",
+            json={"id": "cpi-r", "target": "modbus:plc/boiler/setpoint", "value": 12.34},
+        )
+        assert r.json()["result"] == {"written": 12.3, "requested": 12.34}
+        assert plc.get(1, 3, 0, 1) == [123]
+        r = api.post(
+            "/api/v1/commands",
+            json={"id": "cpi-s", "target": "modbus:plc/boiler/setpoint", "value": 3.3},
+        )
+        assert r.json()["result"] == {"written": 3.3}
+
         r = api.post("/api/v1/commands", json={"id": "cpi-2", "target": "modbus:plc/boiler/pump",
                                                 "value": True})  # fmt: skip
         assert r.status_code == 200, r.text

@@ -21,7 +21,7 @@ from typing import Literal
 import attrs
 import trio
 
-from drivers.base import BusContext, WriteError
+from drivers.base import BusContext, WriteError, WriteUncertain
 from drivers.modbus import datatypes
 from drivers.modbus.codec import (
     FrameError,
@@ -389,19 +389,24 @@ class ModbusBus:
     def _failures(self, where: str, action: Literal["write", "read"]) -> Iterator[None]:
         """Turns what a transaction of an on-demand write or read may raise into a
         ``WriteError`` naming the point."""
+        # A write that may have reached the device is "uncertain"; a read is just failed.
+        unsure = WriteUncertain if action == "write" else WriteError
+        maybe = "; the write may or may not have happened" if action == "write" else ""
         try:
             yield
         except TimeoutError:
-            raise WriteError(f"{where}: no response within {self.link.timeout:g}s") from None
+            raise unsure(f"{where}: no response within {self.link.timeout:g}s{maybe}") from None
         except Disconnected as e:
-            raise WriteError(f"{where}: bus disconnected ({e})") from None
+            raise unsure(f"{where}: bus disconnected ({e}){maybe}") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The bus was stopped or restarted (reload, shutdown) under the transaction.
+            raise unsure(f"{where}: the bus stopped during the {action}{maybe}") from None
         except ModbusExceptionResponse as e:
             raise WriteError(f"{where}: device refused the {action}: {e.reason}") from None
         except NotModbusError as e:
             raise WriteError(f"{where}: {e}") from None
         except FrameError as e:
-            maybe = "; the write may or may not have happened" if action == "write" else ""
-            raise WriteError(f"{where}: corrupted response ({e}){maybe}") from None
+            raise unsure(f"{where}: corrupted response ({e}){maybe}") from None
 
     def condition(self) -> Condition:
         """Down while the link is (saying where and why), degraded while some device does not

@@ -10,6 +10,7 @@ bus's ``write`` encodes with (``datatypes.encode_write``), so the two never disa
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -261,8 +262,8 @@ class ModbusRtuBusConfig(SerialPortConfig):
     def topics(self) -> Iterator[str]:
         return _topics(self.name, self.devices)
 
-    def check_write(self, target: str, value: Value) -> None:
-        check_write(self.name, self.devices, target, value)
+    def check_write(self, target: str, value: Value) -> Value:
+        return check_write(self.name, self.devices, target, value)
 
     def stall_after(self) -> float:
         return _stall_after(self.devices, self.timeout, self.retries, self.backoff_max)
@@ -314,8 +315,8 @@ class ModbusTcpBusConfig:
     def topics(self) -> Iterator[str]:
         return _topics(self.name, self.devices)
 
-    def check_write(self, target: str, value: Value) -> None:
-        check_write(self.name, self.devices, target, value)
+    def check_write(self, target: str, value: Value) -> Value:
+        return check_write(self.name, self.devices, target, value)
 
     def stall_after(self) -> float:
         return _stall_after(
@@ -392,15 +393,28 @@ def find_point(
     raise unknown_point(bus, target, (f"{d.name}/{p.name}" for d in devices for p in d.points))
 
 
-def check_write(bus: str, devices: Sequence[ModbusDeviceConfig], target: str, value: Value) -> None:
+def check_write(
+    bus: str, devices: Sequence[ModbusDeviceConfig], target: str, value: Value
+) -> Value:
     """What ``ModbusBus.write`` checks before any I/O, with the same messages: the point
     exists (``UnknownPoint``), is writable, and ``value`` has its type and range
-    (``WriteError`` naming ``bus/device/point`` and what to send instead)."""
+    (``WriteError`` naming ``bus/device/point`` and what to send instead). Returns the value
+    the point will hold: what the registers encode, read as a poll would read them."""
     _, point = find_point(bus, devices, target)
     try:
-        datatypes.encode_write(point, value)
+        payload = datatypes.encode_write(point, value)
     except WriteError as e:
         raise WriteError(f"{bus}/{target}: {e}") from None
+    if isinstance(payload, bool):
+        return payload
+    held = datatypes.decode(point, payload)
+    if (
+        isinstance(held, float)
+        and isinstance(value, int | float)
+        and math.isclose(held, value, rel_tol=1e-9, abs_tol=1e-12)
+    ):
+        return value  # 33 * 0.1 is 3.3000000000000003: the value sent is what it holds
+    return held
 
 
 def _stall_after(

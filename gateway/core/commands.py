@@ -136,18 +136,25 @@ class Unavailable(Exception):
     error). Nothing was executed."""
 
 
+class OutcomeUnknown(Exception):
+    """A write was sent (or may have been) without a clear answer: it may or may not have
+    happened (the API answers 504). Raised by ``ModbusTargets.write``."""
+
+
 class ModbusTargets(Protocol):
     """The buses as the router sees them (``gateway.app`` implements it)."""
 
-    def check_write(self, target: ModbusTarget, value: Value) -> None:
+    def check_write(self, target: ModbusTarget, value: Value) -> Value:
         """Validate against the configured point (exists, writable, type, range) without any
-        I/O; raises ``CommandRejected`` (404 unknown bus/device/point, 422 otherwise)."""
+        I/O; raises ``CommandRejected`` (404 unknown bus/device/point, 422 otherwise).
+        Returns the value the point will hold (its resolution may round ``value``)."""
         ...
 
     async def write(self, target: ModbusTarget, value: Value) -> None:
         """Write through the running bus; raises ``Unavailable`` when the bus is not running
-        or down (the message carries its last error), ``drivers.base.WriteError`` when the
-        write failed (timeout, refused by the device)."""
+        or down (the message carries its last error), ``OutcomeUnknown`` when it may or may
+        not have happened (no answer), another exception when it failed (refused by the
+        device)."""
         ...
 
     async def read(self, target: ModbusTarget) -> Value:
