@@ -581,7 +581,7 @@ class ApiServices(Protocol):
         """The command router while it runs; None: commands are answered 503."""
         ...
 
-    def live(self, origin: str | None) -> LiveAccess | None:
+    def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
         """A viewer token for a page served from ``origin``; None without a device plane."""
         ...
 
@@ -1207,7 +1207,7 @@ class Api:
         elif path == "/api/v1/status":
             await out.json(200, await self._status(request))
         elif path == "/api/v1/live":
-            await self._live(request, out)
+            await self._live(request, out, user.name)
         elif request.method == "POST":
             await self._post_command(request, out, xml=xml, user=user.name)
         elif path == "/api/v1/commands":
@@ -1350,7 +1350,7 @@ class Api:
         )
         return body
 
-    async def _live(self, request: _Request, out: _Responder) -> None:
+    async def _live(self, request: _Request, out: _Responder, user: str) -> None:
         header = request.headers.get("host")
         host = request_host(header)
         if header is None or host is None:
@@ -1361,7 +1361,7 @@ class Api:
             )
             return
         origin = normalize_origin(f"{request.scheme}://{header.strip()}")
-        access = self.services.live(origin)
+        access = self.services.live(origin, user)
         if access is None:
             await out.error(
                 404,

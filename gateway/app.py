@@ -46,7 +46,7 @@ from drivers.modbus.config import ModbusRtuBusConfig, ModbusTcpBusConfig
 from drivers.modbus.planner import format_plan
 from drivers.registry import KINDS
 from gateway import localendpoint
-from gateway.api import Api, ApiSection, ApiServices, LiveAccess
+from gateway.api import Api, ApiSection, LiveAccess
 from gateway.commands import CommandLimits, CommandRouter
 from gateway.config import EX_CONFIG, Config, ConfigError, restart_needed, state_dir_message
 from gateway.core import logs
@@ -129,7 +129,7 @@ def specs(
     hub: Hub,
     stores: Stores | None = None,
     components: Components | None = None,
-    services: ApiServices | None = None,
+    services: Gateway | None = None,
 ) -> list[ComponentSpec]:
     """Every component of ``config`` in start order: the outbox first, so that it is
     subscribed before any reading is published; the command router before the device plane
@@ -475,7 +475,7 @@ def commands_spec(config: Config, stores: Stores, components: Components) -> Com
     return ComponentSpec(COMMANDS, "commands", Stage.COMMANDS, str(path), build, update)
 
 
-def api_spec(section: ApiSection, config: Config, services: ApiServices) -> ComponentSpec:
+def api_spec(section: ApiSection, config: Config, services: Gateway) -> ComponentSpec:
     """The HTTPS API: required (a port in use ends the process, as for the device plane);
     users, limits and a renewed certificate apply in place on reload, a new address, port
     or client CA restarts it."""
@@ -497,6 +497,10 @@ def api_spec(section: ApiSection, config: Config, services: ApiServices) -> Comp
         component.make = make
         if isinstance(component.part, Api):
             component.part.reconfigure(section)
+        # A removed user's status pages lose their live view too, not only their logins.
+        plane = services.device_plane()
+        if plane is not None:
+            plane.revoke_viewers({user.name for user in section.users})
 
     return ComponentSpec(API, "api", Stage.API, section.restart_key(), build, update)
 
@@ -646,6 +650,11 @@ class Gateway:
     def latest(self) -> Sequence[Reading]:
         return self.hub.latest(["#"])
 
+    def device_plane(self) -> DevicePlane | None:
+        component = self.components.get(DEVICE_NAMESPACE)
+        plane = component.part if component is not None else None
+        return plane if isinstance(plane, DevicePlane) else None
+
     def router(self) -> CommandRouter | None:
         """The command router while it runs (None: the API answers 503 to commands)."""
         component = self.components.get(COMMANDS)
@@ -654,7 +663,7 @@ class Gateway:
             return None
         return router
 
-    def live(self, origin: str | None) -> LiveAccess | None:
+    def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
         """A short-lived token for the status page's wss subscription."""
         component = self.components.get(DEVICE_NAMESPACE)
         plane = component.part if component is not None else None
@@ -663,7 +672,7 @@ class Gateway:
             return None
         port = plane.statistics().port or section.port
         try:
-            token = plane.viewer_token(origin)
+            token = plane.viewer_token(origin, owner=user)
         except ValueError:  # a malformed Origin: no browser page sends one
             return None
         return LiveAccess(port=port, tls=not section.plain, token=token)

@@ -22,7 +22,7 @@ import secrets
 import ssl
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Literal, TextIO
 
 import attrs
@@ -614,6 +614,8 @@ class ViewerGrant:
     origin: str | None
     """Normalized (``normalize_origin``); None: the usual Origin rule applies."""
     expires: float
+    owner: str | None = None
+    """Who asked for it (an API user): a reload that removes that user revokes it."""
 
 
 class ViewerTokens:
@@ -635,7 +637,9 @@ class ViewerTokens:
     def __len__(self) -> int:
         return len(self._grants)
 
-    def issue(self, origin: str | None, ttl: float = DEFAULT_VIEWER_TTL) -> str:
+    def issue(
+        self, origin: str | None, ttl: float = DEFAULT_VIEWER_TTL, *, owner: str | None = None
+    ) -> str:
         """A fresh random token, accepted for ``ttl`` seconds from now; with ``origin``, only
         from a page of that origin (the status page's own). Raises ``ValueError`` for an
         origin that is not ``scheme://host[:port]`` or a ``ttl`` that is not above 0."""
@@ -648,8 +652,17 @@ class ViewerTokens:
             origin = normalize_origin(origin)
         token = generate_token()
         digest = hashlib.sha256(token.encode()).digest()
-        self._grants.append(ViewerGrant(digest, origin, self.clock() + ttl))
+        self._grants.append(ViewerGrant(digest, origin, self.clock() + ttl, owner))
         return token
+
+    def revoke(self, owners: Collection[str]) -> None:
+        """Forget every token whose owner is not in ``owners`` (tokens without one stay)."""
+        kept = [g for g in self._grants if g.owner is None or g.owner in owners]
+        self._grants.clear()
+        self._grants.extend(kept)
+
+    def digests(self) -> frozenset[bytes]:
+        return frozenset(g.digest for g in self._grants)
 
     def find(self, digest: bytes) -> ViewerGrant | None:
         """The grant of the token whose SHA-256 is ``digest``, expired or not, or None."""

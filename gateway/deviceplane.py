@@ -28,7 +28,7 @@ import os
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -51,6 +51,7 @@ from gateway.core.reading import Reading
 from gateway.deviceauth import (
     DEFAULT_VIEWER_TTL,
     RESERVED_CLIENTS,
+    STATUS_PAGE_CLIENT,
     Authenticator,
     DevicePlaneSection,
     Identity,
@@ -377,15 +378,28 @@ class DevicePlane:
             if connection.identity.client_id == client_id and not connection.closing:
                 yield connection
 
-    def viewer_token(self, origin: str | None, ttl: float = DEFAULT_VIEWER_TTL) -> str:
+    def viewer_token(
+        self, origin: str | None, ttl: float = DEFAULT_VIEWER_TTL, *, owner: str | None = None
+    ) -> str:
         """A fresh token for the status page (``bearer.<token>`` subprotocol offer): client
         ``status-page``, subscribe ``#``, publish nothing, accepted for handshakes for ``ttl``
         seconds (connections it opened stay open after); with ``origin``, only from a page of
         that origin. At most ``MAX_VIEWER_TOKENS`` are kept, the oldest forgotten. Raises
         ``ValueError`` for an origin that is not ``scheme://host[:port]``, or ``ttl`` <= 0."""
-        token = self._viewer_tokens.issue(origin, ttl)
+        token = self._viewer_tokens.issue(origin, ttl, owner=owner)
         log.debug("device plane: viewer token issued for %s, %gs", origin or "any origin", ttl)
         return token
+
+    def revoke_viewers(self, owners: Collection[str]) -> None:
+        """Forget the viewer tokens of API users not in ``owners`` (a reload removed them)
+        and close the status-page connections no kept token accounts for (1008): a page
+        whose user is still there reconnects with a fresh token at once."""
+        self._viewer_tokens.revoke(owners)
+        kept = {d.hex() for d in self._viewer_tokens.digests()}
+        for connection in list(self._connections):
+            identity = connection.identity
+            if identity.client_id == STATUS_PAGE_CLIENT and identity.token_sha256 not in kept:
+                connection.revoke("the API user of this status page was removed by a reload")
 
     def reconfigure(self, section: DevicePlaneSection) -> None:
         """Apply a reloaded section whose ``restart_key`` is unchanged, without dropping

@@ -207,7 +207,7 @@ class FakeServices:
     def router(self) -> FakeRouter | None:
         return self.the_router
 
-    def live(self, origin: str | None) -> LiveAccess | None:
+    def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
         self.origins.append(origin)
         return self.access
 

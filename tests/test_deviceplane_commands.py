@@ -449,6 +449,27 @@ async def test_a_viewer_token_expires_but_its_connections_stay(
     assert plane.statistics().revoked == 0
 
 
+async def test_removing_an_api_user_revokes_its_viewer_tokens_and_connections(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, _ = await gateway()
+    alice = plane.viewer_token(PAGE, owner="alice")
+    bob = plane.viewer_token(PAGE, owner="bob")
+    seen_by_alice = await connect(
+        plane.port, None, origin=PAGE, subprotocols=[SUBPROTOCOL, f"bearer.{alice}"]
+    )
+    seen_by_bob = await connect(
+        plane.port, None, origin=PAGE, subprotocols=[SUBPROTOCOL, f"bearer.{bob}"]
+    )
+    await seen_by_alice.ping()
+    plane.revoke_viewers({"bob"})  # a reload removed alice
+    assert await seen_by_alice.close_code() == 1008
+    await seen_by_bob.ping()
+    offer = [SUBPROTOCOL, f"bearer.{alice}"]
+    assert await status_of(connect, plane.port, origin=PAGE, subprotocols=offer) == 401
+    assert plane.statistics().revoked == 1
+
+
 async def test_only_the_newest_viewer_tokens_are_kept(
     gateway: Callable[..., Any], connect: Callable[..., Any]
 ) -> None:
