@@ -579,13 +579,37 @@ class Components:
         by_name = {spec.name: spec for spec in wanted}
         before = set(self._running)
         changed = [n for n, r in self._running.items() if by_name.get(n) != r.spec]
+        previous = {n: self._running[n].spec for n in changed}
         for name in sorted(changed, key=lambda n: self._running[n].spec.stage):
             log.info("stopping %s for reload", name, extra=kv(component=name))
             await self.stop(name)
         for spec in wanted:
             running = self._running.get(spec.name)
             if running is None:
-                await self.start(spec)
+                try:
+                    await self.start(spec)
+                except StartupError as e:
+                    # A required part that cannot start with the new config (its new port is
+                    # taken, say) must not end a gateway that was running: back to the
+                    # settings it ran with, and say so.
+                    old = previous.get(spec.name)
+                    if old is None:
+                        log.error(
+                            "reload: %s cannot start (%s); it is not running: fix the config "
+                            "and reload again",
+                            spec.name,
+                            e,
+                            extra=kv(component=spec.name),
+                        )
+                        continue
+                    log.error(
+                        "reload: %s cannot start with the new config (%s); it goes on with "
+                        "the previous settings: fix the config and reload again",
+                        spec.name,
+                        e,
+                        extra=kv(component=spec.name),
+                    )
+                    await self.start(old)
             elif spec.update is not None:
                 spec.update(running.component)
                 running.spec = spec

@@ -500,3 +500,21 @@ role = "operator"
     assert critical, d.lines
     assert f"cannot listen on 127.0.0.1:{port}" in critical[0]
     assert "api api" not in critical[0]
+
+
+def test_a_reload_to_a_taken_api_port_keeps_the_running_api(gateway: Gateway) -> None:
+    assert gateway.daemon is not None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        text = gateway.config.read_text()
+        gateway.config.write_text(text.replace(f"port = {gateway.api_port}", f"port = {busy}"))
+        gateway.daemon.send_signal(signal.SIGHUP)
+        line = gateway.daemon.wait_for_log("reload: api cannot start with the new config")
+        assert f"cannot listen on 127.0.0.1:{busy}" in line
+        gateway.daemon.wait_for_log("reloaded")
+        # Still running, and the API answers where it did.
+        with gateway.client() as api:
+            assert api.get("/readyz").status_code == 200
+    assert gateway.daemon.running
