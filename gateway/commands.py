@@ -39,6 +39,7 @@ import os
 import re
 import sqlite3
 import time
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -149,7 +150,8 @@ class _Body:
     read_back: bool | None = None
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 controls and Unicode's line and paragraph separators."""
 _ID_EXAMPLE = '"cpi-4711"'
 
 
@@ -160,8 +162,14 @@ def _string(value: object, what: str, limit: int) -> str:
         raise _Problem(f"must not be empty: send {what}")
     if len(value) > limit:
         raise _Problem(f"{show(value)} is too long: at most {limit} characters")
-    if _CONTROL.search(value):
-        raise _Problem(f"{show(value)} contains control characters: send printable text")
+    if _CONTROL.search(value) or any(unicodedata.category(c) == "Cf" for c in value):
+        # Format characters (bidi overrides, zero-width) make one id look like another in
+        # logs and on the status page.
+        raise _Problem(
+            f"{show(value)} contains control or invisible format characters: send printable text"
+        )
+    if value != value.strip():
+        raise _Problem(f"{show(value)} starts or ends with spaces: send it without them")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -240,7 +240,12 @@ DEEP = {"a": {"b": 1}}
             'id: must not be empty: send an id such as "cpi-4711"',
         ),
         (modbus(id="x" * 129), 400, "invalid-field", "id: "),
-        (modbus(id="a\nb"), 400, "invalid-field", "contains control characters"),
+        (
+            modbus(id="a\nb"),
+            400,
+            "invalid-field",
+            "contains control or invisible format characters",
+        ),
         (modbus(id=17), 400, "invalid-field", "id: 17 is not a string"),
         (
             modbus(valeu=1),
@@ -275,6 +280,9 @@ DEEP = {"a": {"b": 1}}
         (modbus(target=5), 400, "invalid-field", "target: 5 is not a string"),
         (modbus(value="x" * 20_000), 413, "too-large", "at most 16384"),
         (device(args={"blob": "x" * 20_000}), 413, "too-large", "args and value are"),
+        (modbus(id="a\u202eb"), 400, "invalid-field", "invisible format characters"),
+        (modbus(id="a\u2028b"), 400, "invalid-field", "control or invisible"),
+        (modbus(id=" cpi-1"), 400, "invalid-field", "starts or ends with spaces"),
         (modbus(timeout=0), 422, "bad-timeout", "timeout: 0s: send at least 0.1s and at most 60s"),
         (modbus(timeout=1e-300), 422, "bad-timeout", "send at least 0.1s"),
         (modbus(timeout="2min"), 422, "bad-timeout", "timeout: 120s"),
