@@ -109,7 +109,11 @@ class Refused(Exception):
 
 def main(args: argparse.Namespace) -> int:
     try:
-        body = None if args.status else build_body(args)
+        if args.status is not None and (args.target or args.value):
+            raise Refused("give either --status ID or a TARGET to send, not both", 2)
+        if args.url and not args.url.startswith(("https://", "http://")):
+            raise Refused(f"--url {args.url!r}: give https://<host>:<port>", 2)
+        body = None if args.status is not None else build_body(args)
         url, verify = endpoint(args)
         password = read_password(args.password_file)
     except Refused as e:
@@ -140,6 +144,14 @@ def main(args: argparse.Namespace) -> int:
 def build_body(args: argparse.Namespace) -> dict[str, object]:
     if not args.target:
         raise Refused("give a TARGET (modbus:<bus>/<device>/<point> or device:<id>)", 2)
+    if not args.target.startswith(("modbus:", "device:")):
+        raise Refused(
+            f"TARGET {args.target!r} starts with neither modbus: nor device:: write "
+            "modbus:<bus>/<device>/<point> or device:<client id>",
+            2,
+        )
+    if args.id is not None and not args.id.strip():
+        raise Refused("--id is empty: give an id, or leave --id out for a new one", 2)
     body: dict[str, object] = {
         "id": args.id or f"cli-{secrets.token_hex(6)}",
         "target": args.target,
@@ -191,6 +203,8 @@ def endpoint(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | bool]:
     if args.url:
         if args.ca is None:
             return args.url.rstrip("/"), True
+        if not args.ca.is_file():
+            raise Refused(f"--ca {args.ca}: no such file", 2)
         return args.url.rstrip("/"), _trust(args.ca, pinned=False)
     try:
         config = load_config(args.config)
