@@ -1485,9 +1485,14 @@ class Api:
             await out.error(503, "unavailable", str(e), xml=xml)
             return
         if record is None:
-            await out.error(
-                404, "unknown-command", f"no command with id {_shown(command_id)}", xml=xml
-            )
+            if b"/" in raw:
+                message = (
+                    "an id in the path must be percent-encoded ('/' as %2F): use the "
+                    "record's status_url"
+                )
+            else:
+                message = f"no command with id {_shown(command_id)}"
+            await out.error(404, "unknown-command", message, xml=xml)
             return
         # The record as it is now; its status is the one of its state (200, 202, 410...),
         # but a GET that found it succeeded.

@@ -475,6 +475,9 @@ async def test_a_pending_device_command_is_202_with_location_then_readable(
     missing = await client.get("/api/v1/commands/never-sent")
     assert missing.status_code == 404
     assert error(missing)["code"] == "unknown-command"
+    unencoded = await client.get("/api/v1/commands/cpi 4712/b")
+    assert unencoded.status_code == 404
+    assert "percent-encoded" in error(unencoded)["message"]
 
 
 @pytest.mark.parametrize(
