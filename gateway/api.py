@@ -114,6 +114,7 @@ PEER_FAILURES = 10
 PEER_WINDOW = 60.0
 BODY_TIMEOUT = 20.0
 """Seconds a command's body may take to arrive, all of it."""
+UNKNOWN_USERS = "(unknown users)"
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds a TLS handshake may take."""
 """scrypt verifications at a time: the rest wait, the event loop never does."""
@@ -977,8 +978,8 @@ class Api:
         self._ssl_context: ssl.SSLContext | None = None
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
         self._verifying = 0
-        self._peer_failures: dict[str, tuple[float, int]] = {}
-        """Per address: when its current window of failed logins started, and how many."""
+        self._peer_failures: dict[tuple[str, str], tuple[float, int]] = {}
+        """Per (address, user name): when its window of failed logins started, how many."""
         self._verified: dict[bytes, float] = {}
         """SHA-256 of (user, password, stored hash) -> when the success is forgotten."""
         self._failures = _AuthFailures()
@@ -1245,7 +1246,7 @@ class Api:
         if user is not None and expires is not None and now < expires:
             await trio.lowlevel.checkpoint()
             return user
-        self._check_peer(request.peer, now)
+        self._check_peer((request.peer, self._bucket(name)), now)
         if self._verifying >= MAX_VERIFYING:
             raise _Busy(503, "too many logins are being checked at once: try again in a moment", 1)
         self._verifying += 1
@@ -1261,22 +1262,30 @@ class Api:
         self._remember(key, trio.current_time())
         return user
 
-    def _check_peer(self, peer: str, now: float) -> None:
-        """Refuse, without a password check, an address that failed too often lately."""
-        start, count = self._peer_failures.get(peer, (now, 0))
+    def _check_peer(self, key: tuple[str, str], now: float) -> None:
+        """Refuse, without a password check, a user name that failed too often lately from
+        this address. Per name, not per address: everyone may come from one address (a
+        Cloud Connector, an SSH tunnel), and one name guessed at must not lock out the others
+        (a success remembered from before still gets through)."""
+        start, count = self._peer_failures.get(key, (now, 0))
         if now - start >= PEER_WINDOW:
-            self._peer_failures.pop(peer, None)
+            self._peer_failures.pop(key, None)
             return
         if count >= PEER_FAILURES:
             wait = max(1, round(start + PEER_WINDOW - now))
             raise _Busy(
                 429,
-                f"{count} failed logins from {peer} within {PEER_WINDOW:g}s: wait {wait}s, "
-                "then use the right user name and password",
+                f"{count} failed logins for user {_shown(key[1])} from {key[0]} within "
+                f"{PEER_WINDOW:g}s: wait {wait}s, then use the right user name and password",
                 wait,
             )
 
-    def _count_peer_failure(self, peer: str, now: float) -> None:
+    def _bucket(self, name: str) -> str:
+        """Failed logins count per configured user name; unknown names share one count."""
+        return name if name in self._users else UNKNOWN_USERS
+
+    def _count_peer_failure(self, key: tuple[str, str], now: float) -> None:
+        peer = key
         start, count = self._peer_failures.get(peer, (now, 0))
         if now - start >= PEER_WINDOW:
             start, count = now, 0
@@ -1296,7 +1305,8 @@ class Api:
         if name is None and "authorization" not in request.headers:
             return  # a first request without credentials is how browsers ask: not a failure
         self.auth_failures += 1
-        self._count_peer_failure(request.peer, trio.current_time())
+        if name is not None:
+            self._count_peer_failure((request.peer, self._bucket(name)), trio.current_time())
         suppressed = self._failures.should_log(request.peer, trio.current_time())
         if suppressed is None:
             return

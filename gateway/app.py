@@ -497,10 +497,6 @@ def api_spec(section: ApiSection, config: Config, services: Gateway) -> Componen
         component.make = make
         if isinstance(component.part, Api):
             component.part.reconfigure(section)
-        # A removed user's status pages lose their live view too, not only their logins.
-        plane = services.device_plane()
-        if plane is not None:
-            plane.revoke_viewers({user.name for user in section.users})
 
     return ComponentSpec(API, "api", Stage.API, section.restart_key(), build, update)
 
@@ -595,21 +591,27 @@ class Components:
                     old = previous.get(spec.name)
                     if old is None:
                         log.error(
-                            "reload: %s cannot start (%s); it is not running: fix the config "
-                            "and reload again",
-                            spec.name,
+                            "reload: %s; it is not running: fix the config and reload again",
                             e,
                             extra=kv(component=spec.name),
                         )
                         continue
                     log.error(
-                        "reload: %s cannot start with the new config (%s); it goes on with "
-                        "the previous settings: fix the config and reload again",
-                        spec.name,
+                        "reload: %s; %s goes on with the previous address and port, and the "
+                        "rest of the new config: fix the config and reload again",
                         e,
+                        spec.name,
                         extra=kv(component=spec.name),
                     )
                     await self.start(old)
+                    fallback = self._running.get(spec.name)
+                    if fallback is not None and spec.update is not None:
+                        # Users, clients, limits of the new config apply all the same: a
+                        # revocation in this reload must not be undone by the fallback. The
+                        # old way of building stays, for a restart after a failure.
+                        make = fallback.component.make
+                        spec.update(fallback.component)
+                        fallback.component.make = make
             elif spec.update is not None:
                 spec.update(running.component)
                 running.spec = spec
@@ -846,6 +848,11 @@ class Gateway:
             for component in self.components.all():
                 component.backoff = supervisor_backoff(new)
                 component.healthy_after = new.supervisor.healthy_after
+            # A removed API user's status pages lose their live view too, not only their
+            # logins, whatever else this reload changed (the API's port, [api] removed).
+            plane = self.device_plane()
+            if plane is not None:
+                plane.revoke_viewers({u.name for u in new.api.users} if new.api else set())
             self.config = new
             if self.stopping:
                 return

@@ -994,6 +994,19 @@ def _same_command(a: CommandRequest, b: CommandRequest) -> bool:
     return key(a) == key(b)
 
 
+def _same_number(read: Value, held: Value) -> Value:
+    """What was read back, as the value written when it is that value up to float noise
+    (33 * 0.1 reads back as 3.3000000000000003)."""
+    if (
+        isinstance(read, float)
+        and isinstance(held, int | float)
+        and not isinstance(held, bool)
+        and math.isclose(read, held, rel_tol=1e-9)
+    ):
+        return held
+    return read
+
+
 class CommandRouter:
     """Executes commands and keeps their records; a component part (``run``, ``condition``,
     ``statistics``) and the device plane's ``CommandSink``.
@@ -1449,7 +1462,7 @@ class CommandRouter:
                     if held != request.value:
                         result["requested"] = request.value
                     if request.read_back:
-                        result["read_back"] = await self._modbus.read(target)
+                        result["read_back"] = _same_number(await self._modbus.read(target), held)
             except (Unavailable, CommandRejected) as e:
                 if not written:  # nothing ran: forget it, the caller may send it again
                     self._remove(record)

@@ -555,6 +555,8 @@ class Identity:
     subprotocol: str | None = None
     """What the server must select in its handshake answer (``SUBPROTOCOL`` when offered)."""
     token_sha256: str = attrs.field(default="", repr=False)
+    owner: str | None = None
+    """For the status page: the API user its viewer token was issued to."""
 
     def may_subscribe(self, pattern: str) -> bool:
         """Whether every topic ``pattern`` can match lies within one allowed pattern."""
@@ -660,9 +662,6 @@ class ViewerTokens:
         kept = [g for g in self._grants if g.owner is None or g.owner in owners]
         self._grants.clear()
         self._grants.extend(kept)
-
-    def digests(self) -> frozenset[bytes]:
-        return frozenset(g.digest for g in self._grants)
 
     def find(self, digest: bytes) -> ViewerGrant | None:
         """The grant of the token whose SHA-256 is ``digest``, expired or not, or None."""
@@ -815,6 +814,7 @@ class Authenticator:
             via=via,
             subprotocol=subprotocol,
             token_sha256=grant.digest.hex(),
+            owner=grant.owner,
         )
 
     def _is_local(self, digest: bytes) -> bool:

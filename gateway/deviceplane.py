@@ -392,14 +392,18 @@ class DevicePlane:
 
     def revoke_viewers(self, owners: Collection[str]) -> None:
         """Forget the viewer tokens of API users not in ``owners`` (a reload removed them)
-        and close the status-page connections no kept token accounts for (1008): a page
-        whose user is still there reconnects with a fresh token at once."""
+        and close those users' status-page connections (1008)."""
         self._viewer_tokens.revoke(owners)
-        kept = {d.hex() for d in self._viewer_tokens.digests()}
         for connection in list(self._connections):
             identity = connection.identity
-            if identity.client_id == STATUS_PAGE_CLIENT and identity.token_sha256 not in kept:
-                connection.revoke("the API user of this status page was removed by a reload")
+            if (
+                identity.client_id == STATUS_PAGE_CLIENT
+                and identity.owner is not None
+                and identity.owner not in owners
+            ):
+                connection.revoke(
+                    f"API user {identity.owner!r} of this status page was removed by a reload"
+                )
 
     def reconfigure(self, section: DevicePlaneSection) -> None:
         """Apply a reloaded section whose ``restart_key`` is unchanged, without dropping

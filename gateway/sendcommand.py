@@ -109,6 +109,8 @@ class Refused(Exception):
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.status is not None and not args.status.strip():
+            raise Refused("--status is empty: give the id of a command", 2)
         if args.status is not None and (args.target or args.value):
             raise Refused("give either --status ID or a TARGET to send, not both", 2)
         if args.url and not args.url.startswith(("https://", "http://")):

@@ -333,7 +333,7 @@ async def test_401_is_the_same_for_no_auth_a_bad_password_and_an_unknown_user(
     assert OPERATOR[1] not in caplog.text
 
 
-async def test_an_address_that_keeps_failing_is_refused_without_a_password_check(
+async def test_a_user_name_that_keeps_failing_is_refused_without_a_password_check(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
@@ -351,9 +351,14 @@ async def test_an_address_that_keeps_failing_is_refused_without_a_password_check
     assert error(r)["code"] == "too-many-failures"
     assert 1 <= int(r.headers["retry-after"]) <= 60
     assert len(calls) == api_module.PEER_FAILURES  # the 11th cost no scrypt
-    # Even the right password waits out the window from that address: no guessing through.
+    # Even the right password waits out the window, for that user from that address: no
+    # guessing through...
     async with server.client() as c:
         assert (await c.get("/readyz")).status_code == 429
+    # ...while another user from the same address (all of CPI behind one Cloud Connector)
+    # is not locked out by it.
+    async with server.client(auth=VIEWER) as c:
+        assert (await c.get("/readyz")).status_code == 200
 
 
 async def test_too_many_password_checks_at_once_get_503_at_once(

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+import websockets.exceptions
 import websockets.sync.client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -509,12 +510,47 @@ def test_a_reload_to_a_taken_api_port_keeps_the_running_api(gateway: Gateway) ->
         taken.listen()
         busy = taken.getsockname()[1]
         text = gateway.config.read_text()
+        # The same reload removes the viewer: the fallback must not bring it back.
+        viewer = text.index(f'name = "{VIEWER}"')
+        text = text[: text.rindex("[[api.users]]", 0, viewer)]
         gateway.config.write_text(text.replace(f"port = {gateway.api_port}", f"port = {busy}"))
         gateway.daemon.send_signal(signal.SIGHUP)
-        line = gateway.daemon.wait_for_log("reload: api cannot start with the new config")
+        line = gateway.daemon.wait_for_log("goes on with the previous address and port")
         assert f"cannot listen on 127.0.0.1:{busy}" in line
+        assert "api api" not in line
         gateway.daemon.wait_for_log("reloaded")
-        # Still running, and the API answers where it did.
+        # Still running, and the API answers where it did, to the users of the new config.
         with gateway.client() as api:
             assert api.get("/readyz").status_code == 200
+        with gateway.client(VIEWER, VIEWER_PASSWORD) as removed:
+            assert removed.get("/readyz").status_code == 401
     assert gateway.daemon.running
+
+
+def test_a_reload_without_the_api_closes_the_status_pages_live_view(gateway: Gateway) -> None:
+    assert gateway.daemon is not None
+    with gateway.client(VIEWER, VIEWER_PASSWORD) as api:
+        live = api.get("/api/v1/live").json()
+    page = websockets.sync.client.connect(
+        live["url"],
+        ssl=gateway.ssl,
+        subprotocols=live["protocols"],
+        origin=f"https://127.0.0.1:{gateway.api_port}",
+        open_timeout=TIMEOUT,
+    )
+    with page:
+        page.send(json.dumps({"type": "ping", "id": "p"}))
+        assert json.loads(page.recv(TIMEOUT))["type"] == "pong"
+        text = gateway.config.read_text()
+        gateway.config.write_text(text[: text.index("[api]")])
+        gateway.daemon.send_signal(signal.SIGHUP)
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            drain(page)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+
+
+def drain(ws: Any) -> None:
+    """Receive until the connection closes (which raises)."""
+    while True:
+        ws.recv(TIMEOUT)

@@ -411,7 +411,7 @@ def check_write(
     if (
         isinstance(held, float)
         and isinstance(value, int | float)
-        and math.isclose(held, value, rel_tol=1e-9, abs_tol=1e-12)
+        and math.isclose(held, value, rel_tol=1e-9)
     ):
         return value  # 33 * 0.1 is 3.3000000000000003: the value sent is what it holds
     return held
