@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -366,17 +367,18 @@ def test_offline_device_202_kept_across_restart_delivered_on_connect(gateway: Ga
             assert frame["command_id"] == "cpi-o1"
             assert frame["name"] == "reboot"
             assert api.get("/api/v1/commands/cpi-o1").json()["state"] == "delivered"
-            ws.send(json.dumps({"type": "ack", "command_id": "cpi-o1", "ok": False,
-                                "error": "interlock active"}))  # fmt: skip
+            ws.send(json.dumps({"type": "ack", "command_id": "cpi-o1", "ok": True,
+                                "result": {"rebooting": True}}))  # fmt: skip
             record = wait_until(
                 lambda: (
                     rec
-                    if (rec := api.get("/api/v1/commands/cpi-o1").json())["state"] == "failed"
+                    if (rec := api.get("/api/v1/commands/cpi-o1").json())["state"] == "done"
                     else None
                 ),
-                "the failed ack",
+                "the ack",
             )
-        assert record["error"] == "interlock active"
+        assert record["result"] == {"rebooting": True}
+        assert record["error"] is None
 
 
 def test_a_command_not_delivered_in_time_expires(gateway: Gateway) -> None:
@@ -554,3 +556,75 @@ def drain(ws: Any) -> None:
     """Receive until the connection closes (which raises)."""
     while True:
         ws.recv(TIMEOUT)
+
+
+STANDIN = """
+import functools, json, sys, trio
+from pathlib import Path
+from gateway.cpistandin import CpiStandIn, serve_standin
+
+async def main():
+    app = CpiStandIn(auth="basic", client_id="sb-test", client_secret="s3cret-of-the-test",
+                     csrf=False, commands=json.loads(sys.argv[3]))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(
+            serve_standin, app, cert_file=Path(sys.argv[1]), key_file=Path(sys.argv[2])))
+        print(f"port {port}", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_commands_in_cpis_answer_go_through_the_same_router(
+    gateway: Gateway, plc: ModbusPeer, tls_dir: Path
+) -> None:
+    # CPI answers a batch with two commands: a write, and one refused as out of range.
+    commands = [
+        {"id": "cpi-resp-1", "target": "modbus:plc/boiler/setpoint", "value": 61.5},
+        {"id": "cpi-resp-2", "target": "modbus:plc/boiler/setpoint", "value": 999},
+    ]
+    standin = subprocess.Popen(
+        [sys.executable, "-c", STANDIN, str(tls_dir / "cert.pem"), str(tls_dir / "key.pem"),
+         json.dumps(commands)],
+        cwd=ROOT, env=gateway_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert standin.stdout is not None
+        port = int(standin.stdout.readline().split()[1])
+        (tls_dir / "cpi-secret").write_text("s3cret-of-the-test")
+        text = gateway.config.read_text()
+        gateway.config.write_text(
+            text
+            + f"""
+[cpi]
+url = "https://127.0.0.1:{port}/http/edge/readings"
+auth = "basic"
+client_id = "sb-test"
+client_secret_file = "cpi-secret"
+ca_file = "ca.pem"
+csrf = false
+linger = "100ms"
+"""
+        )
+        gateway.stop()
+        gateway.start()
+        with gateway.client() as api:
+            record = wait_until(
+                lambda: (
+                    rec
+                    if (r := api.get("/api/v1/commands/cpi-resp-1")).status_code == 200
+                    and (rec := r.json())["state"] == "done"
+                    else None
+                ),
+                "the command from CPI's answer",
+            )
+            assert record["source"] == "cpi"
+            assert plc.get(1, 3, 0, 1) == [615]
+            # The refused one ran nowhere and is not recorded; the journal says why.
+            assert api.get("/api/v1/commands/cpi-resp-2").status_code == 404
+        assert gateway.daemon is not None
+        line = gateway.daemon.wait_for_log("cpi-resp-2")
+        assert "max" in line
+    finally:
+        standin.kill()
+        standin.wait()
