@@ -36,7 +36,6 @@ import getpass
 import hashlib
 import hmac
 import importlib.resources
-import ipaddress
 import json
 import logging
 import math
@@ -71,7 +70,8 @@ from gateway.core.component import Condition, State
 from gateway.core.configtypes import Duration, Secret, Size, format_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Reading, iso_utc
-from gateway.deviceauth import ClientCaError, EncryptedKey, normalize_origin
+from gateway.core.servertls import host_port, ip, load_certificate, server_context, tls_problems
+from gateway.deviceauth import normalize_origin
 from gateway.deviceplane import DevicePlaneStatistics
 from gateway.forwarder import ForwarderStatistics
 from gateway.outbox import OutboxStatistics
@@ -201,7 +201,7 @@ class ApiSection:
 
     @property
     def url(self) -> str:
-        return f"{'http' if self.plain else 'https'}://{_host_port(self.listen, self.port)}/"
+        return f"{'http' if self.plain else 'https'}://{host_port(self.listen, self.port)}/"
 
     def check(self) -> Iterator[tuple[str, str]]:
         """``(path, message)`` below ``api`` for every problem."""
@@ -232,7 +232,7 @@ class ApiSection:
         yield from self._check_users()
 
     def _check_listen(self) -> Iterator[tuple[str, str]]:
-        address = _ip(self.listen)
+        address = ip(self.listen)
         if address is None and not _HOSTNAME.fullmatch(self.listen):
             yield (
                 "listen",
@@ -270,51 +270,12 @@ class ApiSection:
                     )
 
     def _check_tls(self) -> Iterator[tuple[str, str]]:
-        if self.plain or self.tls_cert_file is None or self.tls_key_file is None:
-            return
-        if "-----BEGIN CERTIFICATE-----" not in self.tls_cert_file.reveal():
-            yield (
-                "tls_cert_file",
-                "holds no PEM certificate (-----BEGIN CERTIFICATE-----): give the server "
-                "certificate in PEM form, followed by its chain",
+        if not self.plain:
+            yield from tls_problems(
+                self,
+                ca_signs="the clients' certificates (for CPI: the CA of the tenant's client "
+                "certificate)",
             )
-            return
-        if "PRIVATE KEY-----" not in self.tls_key_file.reveal():
-            yield (
-                "tls_key_file",
-                "holds no PEM private key (-----BEGIN PRIVATE KEY-----): give the private "
-                "key of tls_cert_file in PEM form",
-            )
-            return
-        try:
-            server_ssl_context(self)
-        except EncryptedKey:
-            yield (
-                "tls_key_file",
-                "is encrypted (has a passphrase): the gateway starts unattended; store the key "
-                "without one (openssl pkey -in key.pem -out plain.pem) with mode 0600",
-            )
-        except ClientCaError as e:
-            yield (
-                "client_ca_file",
-                f"is not a PEM CA certificate ({e}): give the CA that signs the clients' "
-                "certificates (for CPI: the CA of the tenant's client certificate)",
-            )
-        except ssl.SSLError as e:
-            if e.reason == "KEY_VALUES_MISMATCH":
-                yield (
-                    "tls_key_file",
-                    "is not the private key of tls_cert_file: give the key the certificate "
-                    "was issued for",
-                )
-            else:
-                yield (
-                    "tls_cert_file",
-                    f"cannot be loaded with tls_key_file ({e.reason or e}): give the server "
-                    "certificate (PEM, with its chain) and its own private key (PEM)",
-                )
-        except OSError as e:
-            yield "tls_cert_file", f"cannot be read: {e.strerror or e}"
 
     def _check_users(self) -> Iterator[tuple[str, str]]:
         if not self.users:
@@ -373,40 +334,13 @@ def user_name_problem(name: str) -> str | None:
 
 
 def server_ssl_context(section: ApiSection) -> ssl.SSLContext | None:
-    """The TLS context of the server (TLS 1.2 or newer, HTTP/1.1), or None for plain HTTP.
-    With ``client_ca_file`` every client must present a certificate that CA signed.
-
-    Reads the certificate and key from their files, so a new context picks up a rotated
-    certificate. Raises ``ssl.SSLError`` / ``OSError``, ``EncryptedKey``, ``ClientCaError``."""
+    """The TLS context of the server (``gateway.core.servertls``, HTTP/1.1), or None for
+    plain HTTP. Raises ``ssl.SSLError`` / ``OSError``, ``EncryptedKey``, ``ClientCaError``."""
     if section.plain:
         return None
     if section.tls_cert_file is None or section.tls_key_file is None:
         raise ValueError("api: HTTPS needs tls_cert_file and tls_key_file (or plain)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION
-    context.set_alpn_protocols(["http/1.1"])
-    _load_certificate(context, section)
-    if section.client_ca_file is not None:
-        try:
-            context.load_verify_locations(cadata=section.client_ca_file.reveal())
-        except (ssl.SSLError, ValueError) as e:
-            raise ClientCaError(getattr(e, "reason", None) or str(e)) from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def _no_passphrase() -> str:
-    # Without a callback OpenSSL would prompt on the terminal, and a service has none.
-    raise EncryptedKey("the key has a passphrase")
-
-
-def _load_certificate(context: ssl.SSLContext, section: ApiSection) -> None:
-    assert section.tls_cert_file is not None
-    assert section.tls_key_file is not None
-    context.load_cert_chain(
-        section.tls_cert_file.source, section.tls_key_file.source, password=_no_passphrase
-    )
+    return server_context(section, alpn=["http/1.1"])
 
 
 # ---- passwords ------------------------------------------------------------------------------
@@ -885,20 +819,9 @@ def request_host(host: str | None) -> str | None:
     if m is None:
         return None
     name = m.group("host")
-    if name.startswith("[") and _ip(name[1:-1]) is None:
+    if name.startswith("[") and ip(name[1:-1]) is None:
         return None
     return name.lower()
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _status_page(source: Traversable | Path | None) -> bytes:
@@ -1013,7 +936,7 @@ class Api:
         if self._ssl_context is not None:
             try:
                 server_ssl_context(section)  # a scratch context first: all or nothing
-                _load_certificate(self._ssl_context, section)
+                load_certificate(self._ssl_context, section)
             except (ssl.SSLError, OSError, ValueError) as e:
                 log.error(
                     "api: cannot load the certificate and key again (%s); new connections "
@@ -1031,7 +954,7 @@ class Api:
         section = self.section
         self._ssl_context = server_ssl_context(section)
         config = _ServerConfig(self._ssl_context)
-        config.bind = [_host_port(section.listen, section.port)]
+        config.bind = [host_port(section.listen, section.port)]
         config.accesslog = None
         config.errorlog = None  # every request is answered and logged by the app itself
         config.include_server_header = False
@@ -1048,7 +971,7 @@ class Api:
             def started(self, binds: list[str]) -> None:
                 api.port = int(binds[0].rsplit(":", 1)[1])
                 api._listening = True
-                url = f"{'https' if api._ssl_context else 'http'}://" + _host_port(
+                url = f"{'https' if api._ssl_context else 'http'}://" + host_port(
                     section.listen, api.port
                 )
                 log.info("api listening on %s/", url)
@@ -1062,7 +985,7 @@ class Api:
             bind_error = None if self._listening else _single_os_error(e)
             if bind_error is None:
                 raise
-            where = _host_port(section.listen, section.port)
+            where = host_port(section.listen, section.port)
             hint = _BIND_HINTS.get(bind_error.errno or 0, "")
             raise OSError(
                 bind_error.errno,
@@ -1074,7 +997,7 @@ class Api:
 
     @staticmethod
     def _warn_plain(section: ApiSection) -> None:
-        address = _ip(section.listen)
+        address = ip(section.listen)
         if address is not None and address.is_loopback:
             log.warning(
                 "api: plain HTTP (no TLS) on %s: acceptable only because it is a loopback "

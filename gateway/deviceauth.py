@@ -15,7 +15,6 @@ from __future__ import annotations
 import getpass
 import hashlib
 import hmac
-import ipaddress
 import math
 import re
 import secrets
@@ -28,6 +27,12 @@ from typing import Literal, TextIO
 import attrs
 
 from gateway.core.configtypes import Duration, Name, Secret, Size, format_duration
+from gateway.core.servertls import (
+    host_port,
+    ip,
+    server_context,
+    tls_problems,
+)
 from gateway.core.topics import (
     DEVICE_NAMESPACE,
     device_topic,
@@ -231,7 +236,7 @@ class DevicePlaneSection:
         yield from self._check_clients()
 
     def _check_listen(self) -> Iterator[tuple[str, str]]:
-        address = _ip(self.listen)
+        address = ip(self.listen)
         if address is None and not _HOSTNAME.fullmatch(self.listen):
             yield (
                 "listen",
@@ -265,51 +270,8 @@ class DevicePlaneSection:
                     )
 
     def _check_tls(self) -> Iterator[tuple[str, str]]:
-        if self.plain or self.tls_cert_file is None or self.tls_key_file is None:
-            return
-        if "-----BEGIN CERTIFICATE-----" not in self.tls_cert_file.reveal():
-            yield (
-                "tls_cert_file",
-                "holds no PEM certificate (-----BEGIN CERTIFICATE-----): give the server "
-                "certificate in PEM form, followed by its chain",
-            )
-            return
-        if "PRIVATE KEY-----" not in self.tls_key_file.reveal():
-            yield (
-                "tls_key_file",
-                "holds no PEM private key (-----BEGIN PRIVATE KEY-----): give the private "
-                "key of tls_cert_file in PEM form",
-            )
-            return
-        try:
-            server_ssl_context(self)
-        except EncryptedKey:
-            yield (
-                "tls_key_file",
-                "is encrypted (has a passphrase): the gateway starts unattended; store the key "
-                "without one (openssl pkey -in key.pem -out plain.pem) with mode 0600",
-            )
-        except ClientCaError as e:
-            yield (
-                "client_ca_file",
-                f"is not a PEM CA certificate ({e}): give the CA that signs the devices' "
-                "client certificates",
-            )
-        except ssl.SSLError as e:
-            if e.reason == "KEY_VALUES_MISMATCH":
-                yield (
-                    "tls_key_file",
-                    "is not the private key of tls_cert_file: give the key the certificate "
-                    "was issued for",
-                )
-            else:
-                yield (
-                    "tls_cert_file",
-                    f"cannot be loaded with tls_key_file ({e.reason or e}): give the server "
-                    "certificate (PEM, with its chain) and its own private key (PEM)",
-                )
-        except OSError as e:
-            yield "tls_cert_file", f"cannot be read: {e.strerror or e}"
+        if not self.plain:
+            yield from tls_problems(self, ca_signs="the devices' client certificates")
 
     def _check_clients(self) -> Iterator[tuple[str, str]]:
         ids: dict[str, int] = {}
@@ -353,65 +315,20 @@ class DevicePlaneSection:
         mtls = ", client certificates required" if self.client_ca_file else ""
         n = len(self.clients)
         return (
-            f"device plane: {scheme}://{_host_port(self.listen, self.port)}{mtls}, "
+            f"device plane: {scheme}://{host_port(self.listen, self.port)}{mtls}, "
             f"{n} client{'' if n == 1 else 's'}, at most {self.max_connections} connections, "
             f"ping every {format_duration(self.ping_interval)}"
         )
 
 
-class EncryptedKey(ValueError):
-    """The TLS key file asks for a passphrase."""
-
-
-class ClientCaError(ValueError):
-    """``client_ca_file`` holds no usable CA certificate."""
-
-
-def _no_passphrase() -> str:
-    # Without a callback OpenSSL would prompt on the terminal, and a service has none.
-    raise EncryptedKey("the key has a passphrase")
-
-
 def server_ssl_context(section: DevicePlaneSection) -> ssl.SSLContext | None:
-    """The TLS context of the server (TLS 1.2 or newer), or None for plain ``ws://``. With
-    ``client_ca_file``, every client must present a certificate that CA signed (mTLS).
-
-    Reads the certificate and key from their files, so a new context picks up a rotated
-    certificate. Raises ``ssl.SSLError`` / ``OSError``, ``EncryptedKey``, ``ClientCaError``."""
+    """The TLS context of the server (``gateway.core.servertls``), or None for plain
+    ``ws://``. Raises ``ssl.SSLError`` / ``OSError``, ``EncryptedKey``, ``ClientCaError``."""
     if section.plain:
         return None
     if section.tls_cert_file is None or section.tls_key_file is None:
         raise ValueError("device_plane: wss needs tls_cert_file and tls_key_file (or plain)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    load_certificate(context, section)
-    if section.client_ca_file is not None:
-        try:
-            context.load_verify_locations(cadata=section.client_ca_file.reveal())
-        except (ssl.SSLError, ValueError) as e:
-            raise ClientCaError(getattr(e, "reason", None) or str(e)) from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def load_certificate(context: ssl.SSLContext, section: DevicePlaneSection) -> None:
-    """Load the section's certificate and key into ``context`` (again, on a reload)."""
-    assert section.tls_cert_file is not None
-    assert section.tls_key_file is not None
-    context.load_cert_chain(
-        section.tls_cert_file.source, section.tls_key_file.source, password=_no_passphrase
-    )
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return server_context(section)
 
 
 def normalize_origin(origin: str) -> str:

@@ -48,6 +48,7 @@ from gateway.core.commands import CommandRequest, CommandSink
 from gateway.core.component import Condition, State
 from gateway.core.logs import kv
 from gateway.core.reading import Reading
+from gateway.core.servertls import load_certificate
 from gateway.deviceauth import (
     DEFAULT_VIEWER_TTL,
     RESERVED_CLIENTS,
@@ -59,7 +60,6 @@ from gateway.deviceauth import (
     ViewerTokens,
     generate_token,
     hash_token,
-    load_certificate,
     server_ssl_context,
 )
 from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription, Watermark
