@@ -35,7 +35,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import sqlite3
 import time
@@ -52,6 +51,7 @@ import cattrs
 import trio
 from cattrs.errors import ClassValidationError
 
+from gateway.core import sqlitefile
 from gateway.core.commands import (
     DEVICE,
     MODBUS,
@@ -97,7 +97,6 @@ MAX_SWEEP_SLEEP = 60.0
 wall-clock time, and a clock step (NTP) is noticed within this."""
 PRUNE_INTERVAL = 3600.0
 """Seconds between prunes by age (done with a write; an idle router has nothing to prune)."""
-BUSY_TIMEOUT_MS = 5000
 SCHEMA_VERSION = 1
 
 FINAL_STATES = tuple(s.value for s in CommandState if s.final)
@@ -669,10 +668,6 @@ class CommandStoreError(Exception):
     """The command database cannot be used; the message says what to do."""
 
 
-class _Corrupt(Exception):
-    pass
-
-
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE commands (
@@ -683,13 +678,16 @@ CREATE INDEX commands_created ON commands (created);
 CREATE INDEX commands_state ON commands (state, updated);
 """
 _TABLES = {"meta", "commands"}
+COMMANDS_FILE = sqlitefile.Kind(
+    what="command database",
+    a_what="a command database",
+    error=CommandStoreError,
+    schema=_SCHEMA,
+    tables=frozenset(_TABLES),
+    version=SCHEMA_VERSION,
+)
 _COLUMNS = "id, request, source, state, result, error, status, created, updated, expires"
 _FINAL_SQL = ", ".join(f"'{s}'" for s in FINAL_STATES)
-
-
-def _is_corruption(e: sqlite3.Error) -> bool:
-    code = getattr(e, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _request_json(request: CommandRequest) -> str:
@@ -755,8 +753,8 @@ class _Store:
         self.path = path
         try:
             self.conn = self._open()
-        except _Corrupt as e:
-            aside = self._move_aside(str(e))
+        except sqlitefile.Corrupt as e:
+            aside = sqlitefile.move_aside(path, COMMANDS_FILE, str(e))
             self.conn = self._open()
             log.error(
                 "COMMAND DATABASE CORRUPT: moved it aside and started an empty one; the "
@@ -765,94 +763,7 @@ class _Store:
             )
 
     def _open(self) -> sqlite3.Connection:
-        path = self.path
-        if path.is_dir():
-            raise CommandStoreError(f"command database {path} is a directory: give a file")
-        if not path.parent.is_dir():
-            raise CommandStoreError(
-                f"cannot create the command database {path}: directory {path.parent} does not "
-                "exist (check gateway.state_dir)"
-            )
-        try:
-            conn = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=rwc",
-                uri=True,
-                isolation_level=None,  # explicit BEGIN IMMEDIATE / COMMIT
-                check_same_thread=False,  # used from one worker thread at a time
-                timeout=BUSY_TIMEOUT_MS / 1000,
-            )
-        except sqlite3.Error as e:
-            raise CommandStoreError(
-                f"cannot open the command database {path}: {e}: check that the gateway's user "
-                f"may read and write {path} and its directory"
-            ) from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise CommandStoreError(
-                    f"command database {path}: cannot switch to WAL mode (got {mode}): put the "
-                    "state directory on a local file system"
-                )
-            conn.execute("PRAGMA synchronous = FULL")
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                raise _Corrupt(f"quick_check: {result}")
-            self._schema(conn)
-        except sqlite3.Error as e:
-            conn.close()
-            if _is_corruption(e):
-                raise _Corrupt(str(e)) from None
-            raise CommandStoreError(
-                f"cannot use the command database {path}: {e}: check that the gateway's user "
-                "may read and write it and its directory"
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _schema(self, conn: sqlite3.Connection) -> None:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return
-        if not tables >= _TABLES:
-            raise CommandStoreError(
-                f"{self.path} is an SQLite database but not a command database (tables: "
-                f"{', '.join(sorted(tables))}): move it away or delete it"
-            )
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if row is None or row[0] > SCHEMA_VERSION:
-            raise CommandStoreError(
-                f"command database {self.path} has schema version {row and row[0]}, newer than "
-                f"this gateway's ({SCHEMA_VERSION}): run the newer gateway, or move the file away"
-            )
-
-    def _move_aside(self, reason: str) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        try:
-            os.replace(self.path, aside)
-            for suffix in ("-wal", "-shm"):
-                side = Path(f"{self.path}{suffix}")
-                if side.exists():
-                    os.replace(side, Path(f"{aside}{suffix}"))
-        except OSError as e:
-            raise CommandStoreError(
-                f"command database {self.path} is corrupt ({reason}) and cannot be moved aside: "
-                f"{e.strerror}: move or delete it by hand"
-            ) from None
-        return aside
+        return sqlitefile.connect(self.path, COMMANDS_FILE)
 
     def close(self) -> None:
         self.conn.close()

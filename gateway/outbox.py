@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import attrs
 import trio
 
+from gateway.core import sqlitefile
 from gateway.core.batches import Batch, BatchSource, Gap, StoredReading
 from gateway.core.configtypes import Duration, Size
 from gateway.core.logs import kv
@@ -67,9 +68,6 @@ SCHEMA_VERSION = 1
 ROW_OVERHEAD = 32
 """Bytes counted against ``max_bytes`` per reading besides its topic and payload (the
 b-tree cell, the seq, page slack): the bound is approximate, on the safe side."""
-
-BUSY_TIMEOUT_MS = 5000
-"""How long a connection waits for another (the daemon, the CLI) to finish a transaction."""
 
 EPISODE_QUIET = 10.0
 """Seconds without a drop that end an overflow episode (one error log per episode)."""
@@ -206,13 +204,21 @@ class OutboxStatistics:
 # ---- the store (synchronous; runs on the worker thread) -------------------------------------
 
 
-def _is_corruption(e: sqlite3.Error) -> bool:
-    code = getattr(e, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
-
-
 def _new_epoch() -> int:
     return secrets.randbelow(2**31 - 1) + 1
+
+
+OUTBOX_FILE = sqlitefile.Kind(
+    what="outbox database",
+    a_what="an outbox",
+    error=OutboxError,
+    schema=_SCHEMA,
+    tables=frozenset(_TABLES),
+    version=SCHEMA_VERSION,
+    initial_meta=lambda: [("next_seq", 1), ("epoch", _new_epoch())],
+    not_ours="point outbox.file at another file",
+    where="check gateway.state_dir and outbox.file",
+)
 
 
 def _runs(seqs: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -224,36 +230,6 @@ def _runs(seqs: Sequence[int]) -> Iterator[tuple[int, int]]:
             start = s
         prev = s
     yield start, prev
-
-
-def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
-    if not create and not path.exists():
-        raise OutboxError(f"no outbox database at {path}: check gateway.state_dir and outbox.file")
-    if path.is_dir():
-        raise OutboxError(f"outbox database {path} is a directory: give a file in outbox.file")
-    if not path.parent.is_dir():
-        raise OutboxError(
-            f"cannot create the outbox database {path}: directory {path.parent} does not exist"
-            " (check gateway.state_dir)"
-        )
-    uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
-    try:
-        return sqlite3.connect(
-            uri,
-            uri=True,
-            isolation_level=None,  # explicit BEGIN IMMEDIATE / COMMIT
-            check_same_thread=False,  # used from one worker thread at a time
-            timeout=BUSY_TIMEOUT_MS / 1000,
-        )
-    except sqlite3.Error as e:
-        raise OutboxError(
-            f"cannot open the outbox database {path}: {e}: check that the gateway's user may "
-            f"read and write {path} and its directory"
-        ) from None
-
-
-class _Corrupt(Exception):
-    pass
 
 
 class _Store:
@@ -285,13 +261,13 @@ class _Store:
         self.policy = policy
         try:
             self.conn = self._open(synchronous, create=create, check=repair)
-        except _Corrupt as e:
+        except sqlitefile.Corrupt as e:
             if not repair:
                 raise OutboxError(
                     f"outbox database {path} is corrupt ({e}); the gateway moves it aside at "
                     "its next start"
                 ) from None
-            aside = self._move_aside(str(e))
+            aside = sqlitefile.move_aside(path, OUTBOX_FILE, str(e))
             self.conn = self._open(synchronous, create=True, check=True)
             log.error(
                 "OUTBOX DATABASE CORRUPT: moved it aside and started an empty one; the readings "
@@ -307,80 +283,15 @@ class _Store:
     # -- opening
 
     def _open(self, synchronous: Synchronous, *, create: bool, check: bool) -> sqlite3.Connection:
-        conn = _connect(self.path, create=create)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise OutboxError(
-                    f"outbox database {self.path}: cannot switch to WAL mode (got {mode}): "
-                    "put the state directory on a local file system"
-                )
-            conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        return sqlitefile.connect(
+            self.path,
+            OUTBOX_FILE,
+            create=create,
+            synchronous=synchronous,
+            check=check,
             # After a checkpoint the WAL is cut back to this, so it cannot grow for good.
-            conn.execute("PRAGMA journal_size_limit = 67108864")
-            if check:
-                result = conn.execute("PRAGMA quick_check").fetchone()[0]
-                if result != "ok":
-                    raise _Corrupt(f"quick_check: {result}")
-            self._schema(conn)
-        except sqlite3.Error as e:
-            conn.close()
-            if _is_corruption(e):
-                raise _Corrupt(str(e)) from None
-            raise OutboxError(
-                f"cannot use the outbox database {self.path}: {e}: check that the gateway's "
-                "user may read and write it and its directory"
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _schema(self, conn: sqlite3.Connection) -> None:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.executemany(
-                    "INSERT INTO meta VALUES (?, ?)",
-                    [("schema", SCHEMA_VERSION), ("next_seq", 1), ("epoch", _new_epoch())],
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            return
-        if not tables >= _TABLES:
-            raise OutboxError(
-                f"{self.path} is an SQLite database but not an outbox (tables: "
-                f"{', '.join(sorted(tables))}): point outbox.file at another file"
-            )
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if row is None or row[0] > SCHEMA_VERSION:
-            raise OutboxError(
-                f"outbox database {self.path} has schema version {row and row[0]}, newer than "
-                f"this gateway's ({SCHEMA_VERSION}): run the newer gateway, or move the file away"
-            )
-
-    def _move_aside(self, reason: str) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        try:
-            os.replace(self.path, aside)
-            for suffix in ("-wal", "-shm"):
-                side = Path(f"{self.path}{suffix}")
-                if side.exists():
-                    os.replace(side, Path(f"{aside}{suffix}"))
-        except OSError as e:
-            raise OutboxError(
-                f"outbox database {self.path} is corrupt ({reason}) and cannot be moved aside: "
-                f"{e.strerror}: move or delete it by hand"
-            ) from None
-        return aside
+            pragmas=("journal_size_limit = 67108864",),
+        )
 
     def close(self) -> None:
         self.conn.close()
