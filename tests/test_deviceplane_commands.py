@@ -18,18 +18,27 @@ import attrs
 import pytest
 import trio
 import trio.testing
-import trustme
 import websockets.exceptions
 import websockets.sync.client
 
 from gateway.config import ConfigError, parse_config
 from gateway.core.commands import CommandRequest, DeviceTarget, Json
-from gateway.core.configtypes import Duration, Secret
+from gateway.core.configtypes import Duration
 from gateway.core.reading import Reading
 from gateway.deviceauth import SUBPROTOCOL, DevicePlaneSection, hash_token
 from gateway.deviceplane import COMMAND_BYTES_QUEUED, DevicePlane
 from gateway.hub import Hub
-from tests.test_deviceplane import CLIENTS, HMI_TOKEN, SENSOR_TOKEN, TIMEOUT, Client
+from tests.test_deviceplane import (  # the fixtures too: one server setup for both modules
+    HMI_TOKEN,
+    SENSOR_TOKEN,
+    TIMEOUT,
+    Client,
+    ca,
+    client_ssl,
+    section,
+)
+
+__all__ = ["ca", "client_ssl", "section"]  # pytest fixtures used by name
 
 PAGE = "https://gateway.plant.local:9443"
 """The status page's origin (the API's own)."""
@@ -82,34 +91,6 @@ class RecordingSink:
         with trio.fail_after(TIMEOUT):
             while len(self.connected) < count:
                 await self._changed.wait()
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def section(ca: trustme.CA, tmp_path: Path) -> DevicePlaneSection:
-    cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    return DevicePlaneSection(
-        listen="127.0.0.1",
-        port=0,
-        tls_cert_file=Secret(cert_file, cert_file.read_text()),
-        tls_key_file=Secret(key_file, key_file.read_text()),
-        clients=CLIENTS,
-        send_timeout=Duration(5.0),
-    )
-
-
-@pytest.fixture
-def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 @pytest.fixture
