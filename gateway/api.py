@@ -70,7 +70,14 @@ from gateway.core.component import Condition, State
 from gateway.core.configtypes import Duration, Secret, Size, format_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Reading, iso_utc
-from gateway.core.servertls import host_port, ip, load_certificate, server_context, tls_problems
+from gateway.core.servertls import (
+    host_port,
+    ip,
+    load_certificate,
+    plain_or_tls_problems,
+    server_context,
+    tls_problems,
+)
 from gateway.deviceauth import normalize_origin
 from gateway.deviceplane import DevicePlaneStatistics
 from gateway.forwarder import ForwarderStatistics
@@ -241,7 +248,6 @@ class ApiSection:
                 '"192.168.10.5"',
             )
             return
-        tls_keys = ("tls_cert_file", "tls_key_file", "client_ca_file")
         if self.plain:
             loopback = address is not None and address.is_loopback
             if not loopback and not self.cloud_connector:
@@ -253,21 +259,16 @@ class ApiSection:
                     "cloud_connector = true if the Cloud Connector calls this port, or serve "
                     "HTTPS: set tls_cert_file and tls_key_file and remove plain",
                 )
-            for key in tls_keys:
-                if getattr(self, key) is not None:
-                    yield (
-                        key,
-                        "is set, but plain = true serves http:// without TLS: remove one of them",
-                    )
-        else:
-            for key in tls_keys[:2]:
-                if getattr(self, key) is None:
-                    yield (
-                        key,
-                        "missing: HTTPS needs a certificate and its key (or plain = true, "
-                        'with listen = "127.0.0.1" or behind SAP Cloud Connector with '
-                        "cloud_connector = true)",
-                    )
+        yield from plain_or_tls_problems(
+            self,
+            plain=self.plain,
+            scheme="http",
+            missing=(
+                "missing: HTTPS needs a certificate and its key (or plain = true, "
+                'with listen = "127.0.0.1" or behind SAP Cloud Connector with '
+                "cloud_connector = true)"
+            ),
+        )
 
     def _check_tls(self) -> Iterator[tuple[str, str]]:
         if not self.plain:

@@ -30,6 +30,7 @@ from gateway.core.configtypes import Duration, Name, Secret, Size, format_durati
 from gateway.core.servertls import (
     host_port,
     ip,
+    plain_or_tls_problems,
     server_context,
     tls_problems,
 )
@@ -244,30 +245,23 @@ class DevicePlaneSection:
                 '"0.0.0.0" (every IPv4 interface) or "192.168.10.5"',
             )
             return
-        tls_keys = ("tls_cert_file", "tls_key_file", "client_ca_file")
-        if self.plain:
-            if address is None or not address.is_loopback:
-                yield (
-                    "plain",
-                    f"plain ws:// is allowed only on a loopback address, and listen is "
-                    f"{self.listen!r}: tokens and readings would cross the network "
-                    'unencrypted; set listen = "127.0.0.1" (or "::1"), or serve wss: '
-                    "set tls_cert_file and tls_key_file and remove plain",
-                )
-            for key in tls_keys:
-                if getattr(self, key) is not None:
-                    yield (
-                        key,
-                        "is set, but plain = true serves ws:// without TLS: remove one of them",
-                    )
-        else:
-            for key in tls_keys[:2]:
-                if getattr(self, key) is None:
-                    yield (
-                        key,
-                        "missing: wss needs a certificate and its key (or, for a test on "
-                        'this machine only, plain = true with listen = "127.0.0.1")',
-                    )
+        if self.plain and (address is None or not address.is_loopback):
+            yield (
+                "plain",
+                f"plain ws:// is allowed only on a loopback address, and listen is "
+                f"{self.listen!r}: tokens and readings would cross the network "
+                'unencrypted; set listen = "127.0.0.1" (or "::1"), or serve wss: '
+                "set tls_cert_file and tls_key_file and remove plain",
+            )
+        yield from plain_or_tls_problems(
+            self,
+            plain=self.plain,
+            scheme="ws",
+            missing=(
+                "missing: wss needs a certificate and its key (or, for a test on this machine "
+                'only, plain = true with listen = "127.0.0.1")'
+            ),
+        )
 
     def _check_tls(self) -> Iterator[tuple[str, str]]:
         if not self.plain:

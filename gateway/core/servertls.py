@@ -71,6 +71,26 @@ def load_certificate(context: ssl.SSLContext, files: TlsFiles) -> None:
     )
 
 
+def plain_or_tls_problems(
+    files: TlsFiles, *, plain: bool, scheme: str, missing: str
+) -> Iterator[tuple[str, str]]:
+    """``plain`` with TLS files set (which would be ignored), or TLS without its files;
+    ``scheme`` is the plain one (``ws``, ``http``), ``missing`` the message for a missing
+    certificate or key."""
+    keys = ("tls_cert_file", "tls_key_file", "client_ca_file")
+    if plain:
+        for key in keys:
+            if getattr(files, key) is not None:
+                yield (
+                    key,
+                    f"is set, but plain = true serves {scheme}:// without TLS: remove one of them",
+                )
+    else:
+        for key in keys[:2]:
+            if getattr(files, key) is None:
+                yield key, missing
+
+
 def tls_problems(files: TlsFiles, *, ca_signs: str) -> Iterator[tuple[str, str]]:
     """What is wrong with the certificate, key and client CA, as ``(key, message)`` pairs;
     ``ca_signs`` says whose certificates the client CA signs (for its message)."""
