@@ -74,7 +74,7 @@ from gateway.core.configtypes import ConfigValueError, parse_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Value, iso_utc
 from gateway.core.topics import name_problem
-from gateway.core.validation import UnknownKey, join, leaves
+from gateway.core.validation import UnknownKey, join, leaves, unique_keys
 from gateway.protocol import show
 
 log = logging.getLogger("gateway.commands")
@@ -468,14 +468,10 @@ def _malformed(message: str) -> CommandRejected:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _malformed(f"the key {show(key)} appears twice in one object: send it once")
-            seen.add(key)
-    return out
+    return unique_keys(
+        pairs,
+        lambda key: _malformed(f"the key {show(key)} appears twice in one object: send it once"),
+    )
 
 
 def _no_constant(name: str) -> object:

@@ -31,7 +31,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from gateway.core.reading import Quality, Reading, Value
 from gateway.core.topics import depth_problem, device_topic, name_problem, pattern_problem
-from gateway.core.validation import UnknownKey, join, leaves
+from gateway.core.validation import UnknownKey, join, leaves, unique_keys
 
 # ---- limits (docs/protocol.md, "Limits") ---------------------------------------------------
 
@@ -460,14 +460,10 @@ def _problems(exc: BaseException) -> Iterator[tuple[str, str, ErrorCode]]:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _Problem(f"the key {show(key)} appears twice in one object: send it once")
-            seen.add(key)
-    return out
+    return unique_keys(
+        pairs,
+        lambda key: _Problem(f"the key {show(key)} appears twice in one object: send it once"),
+    )
 
 
 def _ref(data: dict[str, Any]) -> str | None:

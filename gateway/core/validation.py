@@ -9,7 +9,7 @@ mean" message. Each boundary turns the leaves into its own messages.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 from cattrs.errors import (
@@ -51,3 +51,19 @@ def leaves(exc: BaseException, path: str = "") -> Iterator[tuple[str, BaseExcept
             yield join(path, key), UnknownKey(f"unknown key ({hint})")
     else:
         yield path, exc
+
+
+def unique_keys(
+    pairs: list[tuple[str, object]], duplicate: Callable[[str], Exception]
+) -> dict[str, object]:
+    """A JSON object from ``pairs`` (``json.loads``'s ``object_pairs_hook``), raising
+    ``duplicate(key)`` for a key that appears twice: JSON parsers disagree on which one
+    wins, so the gateway takes neither."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise duplicate(key)
+            seen.add(key)
+    return out
