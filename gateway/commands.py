@@ -765,15 +765,7 @@ class _Store:
         self.conn.close()
 
     def _transaction(self, fn: Callable[[], _T]) -> _T:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        return result
+        return sqlitefile.transaction(self.conn, fn)
 
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT state, count(*) FROM commands GROUP BY state"))

@@ -364,13 +364,9 @@ class _Store:
     # -- transactions
 
     def _transaction(self, fn: Callable[[], _T]) -> _T:
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            result = fn()
-            self.conn.execute("COMMIT")
+            result = sqlitefile.transaction(self.conn, fn)
         except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
             self.refresh()  # the counters may have moved with the rolled-back work
             raise
         self.commits += 1

@@ -13,8 +13,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
+
+_T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 5000
 """How long a writer waits for another (the CLI next to the daemon) before giving up."""
@@ -165,3 +168,17 @@ def move_aside(path: Path, kind: Kind, reason: str) -> Path:
             f"{e.strerror}: move or delete it by hand"
         ) from None
     return aside
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[], _T]) -> _T:
+    """``fn()`` in one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back if it
+    raises (and the error raised again)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
