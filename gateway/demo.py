@@ -212,6 +212,9 @@ def free_port(preferred: int = 0) -> int:
     """``preferred`` when nothing listens there, else a free port (the demo must start)."""
     for port in (preferred, 0):
         with socket.socket() as probe:
+            # As the servers bind: a port with connections of an earlier run in TIME_WAIT
+            # is free for them, so it is for the demo.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
