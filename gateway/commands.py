@@ -74,7 +74,7 @@ from gateway.core.configtypes import ConfigValueError, parse_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Value, iso_utc
 from gateway.core.topics import name_problem
-from gateway.core.validation import UnknownKey, join, leaves, unique_keys
+from gateway.core.validation import UnknownKey, join, json_depth_problem, leaves, unique_keys
 from gateway.protocol import show
 
 log = logging.getLogger("gateway.commands")
@@ -177,9 +177,13 @@ def _string(value: object, what: str, limit: int) -> str:
 
 
 def _check_json(value: object) -> None:
-    """``value`` holds only what JSON can carry (finite numbers, 64-bit integers)."""
+    """``value`` holds only what JSON can carry (finite numbers, 64-bit integers), nested at
+    most ``MAX_JSON_DEPTH`` deep."""
+    problem = json_depth_problem(value)
+    if problem:
+        raise _Problem(problem)
     stack = [value]
-    while stack:  # without recursion: the parsers already bounded the depth
+    while stack:  # without recursion, and no deeper than MAX_JSON_DEPTH (checked above)
         item = stack.pop()
         if item is None or isinstance(item, bool | str):
             if isinstance(item, str):

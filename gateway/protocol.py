@@ -31,7 +31,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from gateway.core.reading import Quality, Reading, Value
 from gateway.core.topics import depth_problem, device_topic, name_problem, pattern_problem
-from gateway.core.validation import UnknownKey, join, leaves, unique_keys
+from gateway.core.validation import UnknownKey, join, json_depth_problem, leaves, unique_keys
 
 # ---- limits (docs/protocol.md, "Limits") ---------------------------------------------------
 
@@ -337,8 +337,11 @@ def _quality(value: object, _: type) -> Quality:
 
 
 def _json(value: object, _: type) -> Json:
+    problem = json_depth_problem(value)
+    if problem:
+        raise _Problem(problem)
     stack = [value]
-    while stack:  # without recursion: the JSON parser already bounded the depth
+    while stack:  # without recursion, and no deeper than MAX_JSON_DEPTH (checked above)
         item = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise _Problem(f"contains {show(item)}, which JSON does not allow: send a number")

@@ -96,6 +96,13 @@ BAD = [
         id="deep",
     ),
     pytest.param(
+        '{"type":"ack","command_id":"c-1","ok":true,"result":' + "[" * 600 + "]" * 600 + "}",
+        "bad-message",
+        "result: is nested more than 32 levels deep: send a flatter value",
+        "c-1",
+        id="ack-result-600-deep",
+    ),
+    pytest.param(
         "[1]",
         "bad-message",
         'a list is not a JSON object: send {"type": ..., ...}, such as {"type": "ping"}',

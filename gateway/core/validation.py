@@ -67,3 +67,22 @@ def unique_keys(
                 raise duplicate(key)
             seen.add(key)
     return out
+
+
+MAX_JSON_DEPTH = 32
+"""Objects and arrays inside each other in untrusted JSON (a command's args, a device's ack
+result). Python's parser stops only at its recursion limit, and a value nested just under it
+would crash whatever walks it later (encoding it again, writing it as XML)."""
+
+
+def json_depth_problem(value: object, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` (decoded JSON) is nested too deep, or None; without recursion."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth >= max_depth:
+                return f"is nested more than {max_depth} levels deep: send a flatter value"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
