@@ -71,6 +71,7 @@ class SupervisedStatistics:
     restarts: int
     part: object | None
     """The current attempt's own ``statistics()``, None between attempts."""
+    policy: StartPolicy = StartPolicy.SUPERVISED
 
 
 @attrs.frozen
@@ -134,7 +135,7 @@ class Supervised:
             except Exception as e:  # a defect in a driver's report must not stop the tree
                 if not self._condition_failed:
                     self._condition_failed = True
-                    log.error("%s %s: condition() failed", self.kind, self.name, exc_info=e)
+                    log.error("%s: condition() failed", self.label, exc_info=e)
                 return Condition(State.DEGRADED, f"health unknown ({describe_error(e)})")
         if self._stopped:
             return Condition(State.DOWN, "stopped")
@@ -161,6 +162,11 @@ class Supervised:
             return False
         return trio.current_time() - self.last_progress > self.stall_after + grace
 
+    @property
+    def label(self) -> str:
+        """``bus plc``, ``device plane devices``; ``commands`` when kind and name agree."""
+        return self.name if self.kind == self.name else f"{self.kind} {self.name}"
+
     def statistics(self) -> SupervisedStatistics:
         return SupervisedStatistics(
             name=self.name,
@@ -170,6 +176,7 @@ class Supervised:
             total_failures=self.total_failures,
             restarts=self.restarts,
             part=self.part.statistics() if self.part is not None else None,
+            policy=self.policy,
         )
 
     # ---- running -----------------------------------------------------------------------------
@@ -185,7 +192,7 @@ class Supervised:
         try:
             await drain()
         except Exception as e:  # stopping goes on: the part is cancelled next anyway
-            log.error("%s %s: could not finish: %s", self.kind, self.name, describe_error(e))
+            log.error("%s: could not finish: %s", self.label, describe_error(e))
 
     def stop(self) -> None:
         """Cancel the part and the supervision loop."""
@@ -210,7 +217,7 @@ class Supervised:
                             self._set(State.UP)
                             if self.failures:
                                 log.info(
-                                    "%s %s is up again", self.kind, self.name, extra=self._kv()
+                                    "%s is up again", self.label, extra=self._kv()
                                 )
                             if not reported:
                                 reported = True
@@ -265,7 +272,7 @@ class Supervised:
         exc = _unwrap(exc)
         if isinstance(exc, StartupError):
             return exc
-        what = self.name if self.kind == self.name else f"{self.kind} {self.name}"
+        what = self.label
         return StartupError(f"{what} cannot start: {describe_error(exc)}")
 
     def _failed(self, exc: BaseException, healthy_for: float) -> float:
@@ -277,7 +284,7 @@ class Supervised:
         self.last_error = describe_error(exc)
         delay = self.backoff.delay(self.failures, self._rng)
         fields = self._kv(failures=self.failures, restart_in=f"{delay:.1f}s")
-        what = f"{self.kind} {self.name}"
+        what = self.label
         if self.failures == 1:
             log.error("%s failed: %s", what, self.last_error, exc_info=exc, extra=fields)
         else:
