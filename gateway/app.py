@@ -59,7 +59,7 @@ from gateway.core.reading import Reading, Value
 from gateway.core.topics import DEVICE_NAMESPACE
 from gateway.deviceauth import DevicePlaneSection
 from gateway.deviceplane import DevicePlane, DevicePlaneStatistics
-from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics, log_commands
+from gateway.forwarder import CpiSection, Forwarder, ForwarderStatistics
 from gateway.hub import Hub, OverflowPolicy, Subscription, Watermark
 from gateway.outbox import Outbox, OutboxError, OutboxStatistics
 from gateway.sdnotify import Notifier
@@ -120,35 +120,26 @@ class Stores:
     outbox: Outbox | None = None
     watermark: Watermark | None = None
     """How far the outbox has committed what the hub published (device acks wait for it)."""
-    router: CommandRouter | None = None
-    device_plane: DevicePlane | None = None
 
 
-def specs(
-    config: Config,
-    hub: Hub,
-    stores: Stores | None = None,
-    components: Components | None = None,
-    services: Gateway | None = None,
-) -> list[ComponentSpec]:
+def specs(config: Config, hub: Hub, stores: Stores, gateway: Gateway) -> list[ComponentSpec]:
     """Every component of ``config`` in start order: the outbox first, so that it is
     subscribed before any reading is published; the command router before the device plane
     (which hands it acks) and the forwarder (commands in CPI's answers); the API last.
-    ``components`` are the running ones, for the router's way to the buses; ``services``
-    what the API reads (``Gateway`` passes both)."""
-    stores = stores if stores is not None else Stores()
+    ``gateway`` is how components find each other's running parts (the router, the device
+    plane, the buses), always the current ones, also after a restart or a reload."""
     wanted: list[ComponentSpec] = []
     if config.cpi is not None:
         wanted.append(outbox_spec(config, hub, stores))
-    if (config.api is not None or config.cpi is not None) and components is not None:
-        wanted.append(commands_spec(config, stores, components))
+    if config.api is not None or config.cpi is not None:
+        wanted.append(commands_spec(config, gateway))
     wanted.extend(bus_spec(bus, config, hub) for bus in config.buses)
     if config.device_plane is not None:
-        wanted.append(device_plane_spec(config.device_plane, config, hub, stores))
+        wanted.append(device_plane_spec(config.device_plane, config, hub, stores, gateway))
     if config.cpi is not None:
-        wanted.append(forwarder_spec(config.cpi, config, stores))
-    if config.api is not None and services is not None:
-        wanted.append(api_spec(config.api, config, services))
+        wanted.append(forwarder_spec(config.cpi, config, stores, gateway))
+    if config.api is not None:
+        wanted.append(api_spec(config.api, config, gateway))
     return wanted
 
 
@@ -275,7 +266,9 @@ def outbox_spec(config: Config, hub: Hub, stores: Stores) -> ComponentSpec:
     return ComponentSpec(OUTBOX, "outbox", Stage.STORE, key, build)
 
 
-def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> ComponentSpec:
+def forwarder_spec(
+    section: CpiSection, config: Config, stores: Stores, gateway: Gateway
+) -> ComponentSpec:
     def make(progress: Callable[[], None]) -> ForwarderPart:
         outbox = stores.outbox
         if outbox is None:
@@ -283,14 +276,13 @@ def forwarder_spec(section: CpiSection, config: Config, stores: Stores) -> Compo
         # The batch in flight gets at most half the gateway's whole shutdown time.
         grace = min(section.shutdown_grace, config.gateway.shutdown_timeout / 2)
         bounded = attrs.evolve(section, shutdown_grace=Duration(grace))
-        router = stores.router
         return ForwarderPart(
             Forwarder(
                 bounded,
                 outbox,
                 gateway=config.gateway.name,
                 progress=progress,
-                command_router=router.from_cpi if router is not None else log_commands,
+                command_router=gateway.route_cpi_commands,
             )
         )
 
@@ -327,24 +319,21 @@ def bus_spec(bus: BusConfig, config: Config, hub: Hub) -> ComponentSpec:
 
 
 def device_plane_spec(
-    section: DevicePlaneSection, config: Config, hub: Hub, stores: Stores | None = None
+    section: DevicePlaneSection, config: Config, hub: Hub, stores: Stores, gateway: Gateway
 ) -> ComponentSpec:
     """The wss server: required (a port in use ends the process with 69, for systemd to
     retry), reconfigured in place on reload unless its listener changed."""
 
     def make(progress: Callable[[], None]) -> DevicePlane:
         directory = localendpoint.directory() if section.local_access else None
-        plane = DevicePlane(
+        return DevicePlane(
             section,
             hub,
             shutdown_timeout=config.gateway.shutdown_timeout / 2,
             local_endpoint_dir=directory,
-            watermark=lambda: stores.watermark if stores is not None else None,
-            commands=lambda: stores.router if stores is not None else None,
+            watermark=lambda: stores.watermark,
+            commands=gateway.running_router,
         )
-        if stores is not None:
-            stores.device_plane = plane
-        return plane
 
     def build() -> Supervised:
         return Supervised(
@@ -442,21 +431,20 @@ class BusTargets:
         return await self._running(target).read(f"{target.device}/{target.point}")
 
 
-def commands_spec(config: Config, stores: Stores, components: Components) -> ComponentSpec:
+def commands_spec(config: Config, gateway: Gateway) -> ComponentSpec:
     """The command router: supervised (a broken database is retried, and until it opens the
-    API answers 503 to commands), one database per state directory."""
+    API answers 503 to commands), one database per state directory. It checks and writes
+    against the gateway's current config and running buses, so a reload that adds a bus or
+    changes a point's range applies to the next command."""
     path = Path(config.gateway.state_dir) / COMMANDS_FILE
-    current = [config]
 
     def make(progress: Callable[[], None]) -> CommandRouter:
-        router = CommandRouter(
+        return CommandRouter(
             path,
-            BusTargets(lambda: current[0], components),
-            lambda: stores.device_plane,
-            limits=command_limits(current[0]),
+            BusTargets(lambda: gateway.config, gateway.components),
+            gateway.device_plane,
+            limits=command_limits(config),
         )
-        stores.router = router
-        return router
 
     def build() -> Supervised:
         return Supervised(
@@ -468,7 +456,7 @@ def commands_spec(config: Config, stores: Stores, components: Components) -> Com
         )
 
     def update(component: Supervised) -> None:
-        current[0] = config  # the buses and limits of the reloaded config from now on
+        component.make = make  # a restart after a failure takes the reloaded limits
         if isinstance(component.part, CommandRouter):
             component.part.limits = command_limits(config)
 
@@ -603,7 +591,16 @@ class Components:
                         spec.name,
                         extra=kv(component=spec.name),
                     )
-                    await self.start(old)
+                    try:
+                        await self.start(old)
+                    except StartupError as again:
+                        log.error(
+                            "reload: %s; with the previous settings too: it is not running: "
+                            "fix the config and reload again",
+                            again,
+                            extra=kv(component=spec.name),
+                        )
+                        continue
                     fallback = self._running.get(spec.name)
                     if fallback is not None and spec.update is not None:
                         # Users, clients, limits of the new config apply all the same: a
@@ -665,7 +662,7 @@ class Gateway:
         return self.phase is Phase.STOPPING
 
     def specs(self, config: Config) -> list[ComponentSpec]:
-        return specs(config, self.hub, self.stores, self.components, self)
+        return specs(config, self.hub, self.stores, self)
 
     # ---- what the API reads (ApiServices) ----------------------------------------------------
 
@@ -681,20 +678,36 @@ class Gateway:
         plane = component.part if component is not None else None
         return plane if isinstance(plane, DevicePlane) else None
 
-    def router(self) -> CommandRouter | None:
-        """The command router while it runs (None: the API answers 503 to commands)."""
+    def running_router(self) -> CommandRouter | None:
+        """The command router's current part (None between attempts): where device acks
+        and CPI's commands go, also while the gateway stops."""
         component = self.components.get(COMMANDS)
-        router = self.stores.router
-        if component is None or component.part is not router or self.stopping:
-            return None
-        return router
+        part = component.part if component is not None else None
+        return part if isinstance(part, CommandRouter) else None
+
+    def router(self) -> CommandRouter | None:
+        """The command router for the API: None while the gateway stops (the API then
+        answers 503 to new commands)."""
+        return None if self.stopping else self.running_router()
+
+    async def route_cpi_commands(self, commands: Sequence[object]) -> None:
+        """The forwarder's hook for the commands in CPI's answer to a batch."""
+        router = self.running_router()
+        if router is None:
+            await trio.lowlevel.checkpoint()
+            log.error(
+                "%d command(s) in CPI's answer not executed: the command router is not "
+                "running (see its errors above); CPI must send them again",
+                len(commands),
+            )
+            return
+        await router.from_cpi(commands)
 
     def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
         """A short-lived token for the status page's wss subscription."""
-        component = self.components.get(DEVICE_NAMESPACE)
-        plane = component.part if component is not None else None
+        plane = self.device_plane()
         section = self.config.device_plane
-        if not isinstance(plane, DevicePlane) or section is None or self.stopping:
+        if plane is None or section is None or self.stopping:
             return None
         port = plane.statistics().port or section.port
         try:

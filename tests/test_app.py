@@ -8,6 +8,7 @@ if handling regressed).
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import subprocess
@@ -23,10 +24,15 @@ import trio
 import trio.testing
 
 from gateway import app, cli
-from gateway.app import ComponentSpec, Gateway, Stage, status_of
+from gateway.api import hash_password
+from gateway.app import COMMANDS, COMMANDS_FILE, ComponentSpec, Gateway, Stage, status_of
+from gateway.commands import CommandLimits, CommandRouter, command_from_object
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.backoff import Backoff
+from gateway.core.commands import CommandRejected, CommandRequest, CommandState
+from gateway.core.commands import Source as Source_
 from gateway.core.component import UP, Condition, Health, StartPolicy, StartupError, State
+from gateway.demo import free_port
 from gateway.forwarder import ForwarderStatistics
 from gateway.hub import Hub
 from gateway.sdnotify import Notifier
@@ -628,3 +634,95 @@ def test_cpi_status_says_when_cpi_last_answered() -> None:
     assert app.cpi_status(failing, stats(1.0), now=300.0) == "CPI failing 4min (503)"
     down = Health(State.DOWN, 0.0, "RuntimeError: the outbox is not open")
     assert app.cpi_status(down, None) == "CPI down (RuntimeError: the outbox is not open)"
+
+
+API_HEAD = """
+[api]
+listen = "127.0.0.1"
+port = {port}
+plain = true
+
+[[api.users]]
+name = "op"
+password_scrypt = "{hash}"
+role = "operator"
+"""
+SETPOINT_BUS = """
+[[buses]]
+name = "{name}"
+kind = "sim"
+[[buses.devices]]
+name = "d"
+interval = "1s"
+points = [{{ name = "sp", signal = "setpoint", low = 0, high = {high} }}]
+"""
+
+
+def command_config(tmp_path: Path, buses: dict[str, int], port: int) -> str:
+    head = API_HEAD.format(port=port, hash=_password_hash())
+    text = f'[gateway]\nstate_dir = "{tmp_path}"\n{head}'
+    return text + "".join(SETPOINT_BUS.format(name=n, high=h) for n, h in buses.items())
+
+
+@functools.cache
+def _password_hash() -> str:
+    return hash_password("a password for the test")
+
+
+def write(target: str, value: float, id: str | None = None) -> CommandRequest:
+    data = {"id": id or f"{target}={value}", "target": target, "value": value}
+    return command_from_object(data, now=time.time(), limits=CommandLimits())
+
+
+async def test_commands_after_a_reload_see_its_buses_and_ranges(tmp_path: Path) -> None:
+    port = free_port()
+    source = Source(command_config(tmp_path, {"a": 10}, port))
+    gw = Gateway.create(source.load(), source.load, Notifier({}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        router = gw.router()
+        assert router is not None
+        assert (await await_refused(router, write("modbus:a/d/sp", 50))).status == 422
+
+        source.text = command_config(tmp_path, {"a": 100, "b": 100}, port)
+        await gw.reload()
+        assert gw.router() is router  # kept: only its config changed
+        done = await router.execute(write("modbus:a/d/sp", 50), Source_.API)
+        assert done.state is CommandState.DONE
+        done = await router.execute(write("modbus:b/d/sp", 60), Source_.API)
+        assert done.state is CommandState.DONE
+        await gw.shutdown("test")
+
+
+async def await_refused(router: CommandRouter, request: CommandRequest) -> CommandRejected:
+    with pytest.raises(CommandRejected) as info:
+        await router.execute(request, Source_.API)
+    return info.value
+
+
+async def test_cpi_commands_go_to_the_router_running_now(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The router's database cannot be opened at first (a directory in its place): the router
+    # is retried; once it runs, commands in CPI's answers reach it, not a dead first attempt.
+    (tmp_path / COMMANDS_FILE).mkdir()
+    source = Source(command_config(tmp_path, {"a": 100}, free_port()))
+    gw = Gateway.create(source.load(), source.load, Notifier({}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.run)
+        await gw.ready.wait()
+        component = gw.components.get(COMMANDS)
+        assert component is not None
+        assert component.health().state is not State.UP
+        (tmp_path / COMMANDS_FILE).rmdir()
+        while component.health().state is not State.UP:
+            await trio.sleep(0.05)  # virtual time: the supervisor's backoff passes
+        await gw.route_cpi_commands([{"id": "from-cpi", "target": "modbus:a/d/sp", "value": 7}])
+        router = gw.router()
+        assert router is not None
+        # The same command under its id again: the first result, once it is there.
+        record = await router.execute(write("modbus:a/d/sp", 7, id="from-cpi"), Source_.API)
+        assert record.state is CommandState.DONE
+        assert record.source is Source_.CPI
+        await gw.shutdown("test")

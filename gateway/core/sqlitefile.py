@@ -66,7 +66,6 @@ def connect(
     ``kind.error`` saying what to do."""
     conn = _connect(path, kind, create=create)
     try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise kind.error(
@@ -112,7 +111,7 @@ def _connect(path: Path, kind: Kind, *, create: bool) -> sqlite3.Connection:
             uri=True,
             isolation_level=None,  # explicit BEGIN IMMEDIATE / COMMIT
             check_same_thread=False,  # used from one worker thread at a time
-            timeout=BUSY_TIMEOUT_MS / 1000,
+            timeout=BUSY_TIMEOUT_MS / 1000,  # sets SQLite's busy_timeout
         )
     except sqlite3.Error as e:
         raise kind.error(
@@ -124,8 +123,8 @@ def _connect(path: Path, kind: Kind, *, create: bool) -> sqlite3.Connection:
 def _schema(conn: sqlite3.Connection, path: Path, kind: Kind) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if not tables:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+
+        def create() -> None:
             for statement in kind.schema.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -133,10 +132,8 @@ def _schema(conn: sqlite3.Connection, path: Path, kind: Kind) -> None:
                 "INSERT INTO meta VALUES (?, ?)",
                 [("schema", kind.version), *kind.initial_meta()],
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+
+        transaction(conn, create)
         return
     if not tables >= kind.tables:
         raise kind.error(
@@ -144,9 +141,13 @@ def _schema(conn: sqlite3.Connection, path: Path, kind: Kind) -> None:
             f"{', '.join(sorted(tables))}): {kind.not_ours}"
         )
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-    if row is None or row[0] > kind.version:
+    if row is None:
         raise kind.error(
-            f"{kind.what} {path} has schema version {row and row[0]}, newer than this "
+            f"{kind.what} {path} has no schema version (not made by this gateway?): {kind.not_ours}"
+        )
+    if row[0] > kind.version:
+        raise kind.error(
+            f"{kind.what} {path} has schema version {row[0]}, newer than this "
             f"gateway's ({kind.version}): run the newer gateway, or move the file away"
         )
 
