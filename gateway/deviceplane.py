@@ -64,6 +64,7 @@ from gateway.deviceauth import (
 )
 from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription, Watermark
 from gateway.protocol import (
+    MAX_TOPICS,
     Ack,
     ErrorCode,
     Ping,
@@ -106,10 +107,12 @@ ANSWERS_QUEUED = 16
 reader waits, so a client that does not read its answers cannot pile them up."""
 
 COMMAND_BYTES_QUEUED = 1024 * 1024
-"""Bytes of ``command`` frames waiting to be sent on one connection, on top of its answers:
-more means the client is not reading, and that connection is closed (1013) rather than anyone
-waiting. Counted in bytes, not commands: a device that reconnects may be sent hundreds of
-small pending commands at once, faster than any socket takes them."""
+"""Bytes of ``command`` frames waiting to be sent on one connection, on top of its answers.
+Beyond it, ``send_command`` waits for the client to take some (up to ``send_timeout``): a device
+that reconnects to a backlog larger than this gets it all, at the pace it reads. Only a
+connection that takes no command for ``send_timeout`` is closed (1013, or cut off when a send
+of its own timed out first). Counted in bytes, not commands: a device that reconnects may be
+sent hundreds of small pending commands at once, faster than any socket takes them."""
 
 MESSAGES_QUEUED = 4
 """Incoming messages trio-websocket may buffer per connection (each up to
@@ -187,11 +190,13 @@ class TokenBucket:
 
 
 class RecentIds:
-    """The last ``size`` publish ids of one client, oldest forgotten first."""
+    """The last ``size`` publish ids of one client, oldest forgotten first, each with what
+    its publish waits for (the outbox's commit of its readings), when it waits for anything:
+    a resend of the id gets the same answer as the original."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[str, _AckWhenStored | None] = OrderedDict()
 
     def __contains__(self, id: str) -> bool:
         return id in self._ids
@@ -199,11 +204,18 @@ class RecentIds:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def discard(self, id: str) -> None:
-        self._ids.pop(id, None)
+    def get(self, id: str) -> _AckWhenStored | None:
+        """What the publish ``id`` waits for; None when nothing (or not a recent id)."""
+        return self._ids.get(id)
 
-    def add(self, id: str) -> None:
-        self._ids[id] = None
+    def discard(self, id: str, pending: _AckWhenStored | None = None) -> None:
+        """Forget ``id``; with ``pending``, only while it is still what ``id`` waits for (a
+        resend taken meanwhile is not forgotten)."""
+        if pending is None or self._ids.get(id) is pending:
+            self._ids.pop(id, None)
+
+    def add(self, id: str, pending: _AckWhenStored | None = None) -> None:
+        self._ids[id] = pending
         self._ids.move_to_end(id)
         if len(self._ids) > self.size:
             self._ids.popitem(last=False)
@@ -348,14 +360,16 @@ class DevicePlane:
 
     async def send_command(self, client_id: str, request: CommandRequest) -> bool:
         """Queue a ``command`` frame to every open connection of ``client_id``, behind the
-        answers each already has waiting. Never waits for a client: a connection with more
-        than ``COMMAND_BYTES_QUEUED`` of commands unsent is closed (1013) and does not count.
-        True when at least one connection took it."""
+        answers each already has waiting. Waits while a connection has
+        ``COMMAND_BYTES_QUEUED`` of commands unsent, until its client takes some, and at most
+        ``send_timeout``: a connection that took none meanwhile is closed (1013) and does not
+        count. Only the router's delivery task for ``client_id`` calls this, so the wait
+        holds up no other client. True when at least one connection took it."""
         await trio.lowlevel.checkpoint_if_cancelled()
         frame = command_frame(request.id, request.name, request.args, request.expires)
         taken = 0
         for connection in list(self._open_connections(client_id)):
-            if connection.offer_command(frame):
+            if await connection.offer_command(frame):
                 taken += 1
         self.commands_sent += taken
         if taken:
@@ -706,6 +720,7 @@ class _Connection:
         ](math.inf)
         self._reader_slots = trio.Semaphore(ANSWERS_QUEUED)
         self._command_bytes = 0  # of command frames queued, not yet taken by the sender
+        self._room = trio.Event()  # set when the sender took a command, or the connection ends
         self._ending = False  # a task ended: the others are being cancelled
         self._scope = trio.CancelScope()
         self._dropped_before = 0  # by subscriptions replaced since
@@ -727,6 +742,7 @@ class _Connection:
         """Close with 1001 (the gateway stops)."""
         self.close_code, self.close_reason = GOING_AWAY, "the gateway is shutting down"
         self._scope.cancel()
+        self._wake_offers()
 
     def revoke(self, reason: str) -> None:
         """Close with 1008 (a reload took away what this connection was allowed)."""
@@ -737,29 +753,44 @@ class _Connection:
         log.warning("device %s: closing (%d): %s", self.identity.client_id, code, reason)
         self.close_code, self.close_reason = code, reason
         self._scope.cancel()
+        self._wake_offers()
+
+    def _wake_offers(self) -> None:
+        """Let an ``offer_command`` waiting for room look again (room was made, or the
+        connection is ending)."""
+        self._room.set()
+        self._room = trio.Event()
 
     @property
     def closing(self) -> bool:
         """Whether the connection is ending: nothing queued for it now would be sent."""
         return self._ending or self._scope.cancel_called
 
-    def offer_command(self, frame: str) -> bool:
-        """Queue ``frame`` behind the answers waiting, without waiting. False when the
-        connection is closing, or would have more than ``COMMAND_BYTES_QUEUED`` of commands
-        unsent: the client is not reading, and it is closed (1013)."""
+    async def offer_command(self, frame: str) -> bool:
+        """Queue ``frame`` behind the answers waiting. While that would make more than
+        ``COMMAND_BYTES_QUEUED`` of commands unsent, wait for the client to take some, up to
+        ``send_timeout``. False when the connection is closing, or took no command for that
+        long: the client is not reading, and it is closed (1013)."""
+        # One command alone always fits, however large.
+        with trio.move_on_after(self._plane.section.send_timeout):
+            while not self.closing and not self._fits(frame):
+                await self._room.wait()
         if self.closing:
             return False
-        # One command alone always fits, however large.
-        if self._command_bytes and self._command_bytes + len(frame) > COMMAND_BYTES_QUEUED:
+        if not self._fits(frame):
             self._close(
                 TRY_AGAIN_LATER,
-                f"more than {COMMAND_BYTES_QUEUED // 1024} KiB of commands waiting to be sent: "
-                "read faster, then reconnect",
+                f"more than {COMMAND_BYTES_QUEUED // 1024} KiB of commands waiting to be sent "
+                f"and none taken for {self._plane.section.send_timeout:g}s: read faster, then "
+                "reconnect",
             )
             return False
         self._command_bytes += len(frame)
         self._answers.send_nowait(_Command(frame))
         return True
+
+    def _fits(self, frame: str) -> bool:
+        return not self._command_bytes or self._command_bytes + len(frame) <= COMMAND_BYTES_QUEUED
 
     def reconfigure(self, identity: Identity, section: DevicePlaneSection) -> None:
         """A reload changed the client's ACL or the limits: apply them from now on."""
@@ -836,6 +867,7 @@ class _Connection:
         finally:
             self._ending = True
             scope.cancel()
+            self._wake_offers()
 
     async def _send(self, frame: str) -> None:
         # A send cancelled halfway leaves a partial frame on the TLS stream, after which not
@@ -911,6 +943,7 @@ class _Connection:
         async for answer in self._answers_out:
             if isinstance(answer, _Command):
                 self._command_bytes -= len(answer.frame)
+                self._wake_offers()
                 await self._send(answer.frame)
                 continue
             self._reader_slots.release()
@@ -932,14 +965,14 @@ class _Connection:
         with trio.move_on_after(timeout):
             if await pending.watermark.reached(pending.first, pending.last):
                 return ack_frame(pending.id)
-            recent.discard(pending.id)
+            recent.discard(pending.id, pending)
             return ProtocolError(
                 ErrorCode.NOT_STORED,
                 "the gateway could not store these readings (the outbox is full, or its disk "
                 "too slow): publish them again later, with the same id",
                 pending.id,
             ).frame()
-        recent.discard(pending.id)
+        recent.discard(pending.id, pending)
         return ProtocolError(
             ErrorCode.NOT_STORED,
             f"these readings were not stored within {timeout:g}s (the outbox is not "
@@ -975,13 +1008,21 @@ class _Connection:
                     f"({', '.join(identity.subscribe) or 'nothing'}): nothing was subscribed; "
                     "ask for the pattern to be added to the client's config",
                 )
+            patterns = tuple(dict.fromkeys(self.patterns + message.topics))
+            if len(patterns) > MAX_TOPICS:
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE,
+                    f"topics: {len(patterns)} patterns in all on this connection would be too "
+                    f"many: at most {MAX_TOPICS} at once; nothing was subscribed; unsubscribe "
+                    "some first, or use a wider pattern",
+                )
             # The snapshot and the new subscription are taken with no checkpoint between,
             # so every later reading comes through the subscription, after the snapshot.
             # Replaced even when the patterns are the same: closing the old subscription is
             # what wakes a writer waiting on it to send the snapshot.
             if message.last:
                 self._snapshot.extend(self._plane.hub.latest(message.topics))
-            self._resubscribe(self.patterns + message.topics, renew=message.last)
+            self._resubscribe(patterns, renew=message.last)
         elif isinstance(message, Unsubscribe):
             self._resubscribe(tuple(p for p in self.patterns if p not in message.topics))
         elif isinstance(message, Publish):
@@ -996,21 +1037,26 @@ class _Connection:
                     message.id,
                 )
             recent = self._plane.recent_ids(identity.client_id)
-            # A duplicate (its ack was lost, say) is acknowledged again but not taken twice.
+            # A duplicate (its ack was lost, say) is not taken twice. It gets the answer the
+            # original gets: an ack once its readings were committed, not-stored if they
+            # were not (and then, forgotten, the id is taken again at the next resend).
             if message.id in recent:
-                await self._queue(ack_frame(message.id))
+                original = recent.get(message.id)
+                await self._queue(ack_frame(message.id) if original is None else original)
                 return
             hub = self._plane.hub
             first = hub.published
             now = self._plane._wall_clock()
             for item in message.readings:
                 hub.publish(published_reading(identity.client_id, item, now))
-            recent.add(message.id)
             watermark = self._plane.watermark()
             if watermark is None:
+                recent.add(message.id)
                 await self._queue(ack_frame(message.id))
             else:  # acknowledged once committed, by the answering task: the reader goes on
-                await self._queue(_AckWhenStored(message.id, first, hub.published, watermark))
+                pending = _AckWhenStored(message.id, first, hub.published, watermark)
+                recent.add(message.id, pending)
+                await self._queue(pending)
         elif isinstance(message, Ping):
             await self._queue(pong_frame(message.id))
         else:

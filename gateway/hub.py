@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from gateway.core.reading import Reading
-from gateway.core.topics import matches, pattern_problem
+from gateway.core.topics import matcher, matches, pattern_problem
 
 _MAX_ROUTES = 100_000
 
@@ -192,12 +192,15 @@ class Watermark:
     the disk, refused by a full outbox)."""
 
     REFUSED_KEPT = 256
+    """Runs of refused readings remembered one by one (adjacent refusals make one run);
+    beyond, the oldest are forgotten and everything up to their end counts as not stored."""
 
     def __init__(self, position: int) -> None:
         self.position = position
-        self._refused: collections.deque[tuple[int, int]] = collections.deque(
-            maxlen=self.REFUSED_KEPT
-        )
+        # (start, end] runs of refused positions, oldest first, never adjacent.
+        self._refused: collections.deque[tuple[int, int]] = collections.deque()
+        # Positions up to here (inclusive) count as refused: runs forgotten lay below it.
+        self._forgotten = position
         self._moved = trio.Event()
 
     def advance(self, count: int, *, stored: bool = True) -> None:
@@ -207,15 +210,24 @@ class Watermark:
         start = self.position
         self.position += count
         if not stored:
-            self._refused.append((start, self.position))
+            if self._refused and self._refused[-1][1] == start:
+                self._refused[-1] = (self._refused[-1][0], self.position)
+            else:
+                self._refused.append((start, self.position))
+                if len(self._refused) > self.REFUSED_KEPT:
+                    self._forgotten = self._refused.popleft()[1]
         self._moved.set()
         self._moved = trio.Event()
 
     async def reached(self, first: int, last: int) -> bool:
         """Wait until readings ``first`` (exclusive) .. ``last`` (inclusive), as positions in
-        ``Hub.published``, are covered; whether every one of them was stored."""
+        ``Hub.published``, are covered; whether every one of them was stored. Readings so
+        old that the refusals around them were forgotten count as not stored: publishing
+        them again at worst stores them twice, where a wrong yes would lose them."""
         while self.position < last:
             await self._moved.wait()
+        if first < self._forgotten:
+            return False
         return not any(start < last and first < end for start, end in self._refused)
 
 
@@ -281,8 +293,8 @@ class Hub:
 
     def latest(self, patterns: Iterable[str]) -> list[Reading]:
         """The latest reading of each topic matching any of ``patterns``, by topic."""
-        patterns = tuple(patterns)
-        found = [r for t, r in self._latest.items() if any(matches(p, t) for p in patterns)]
+        wanted = matcher(patterns)
+        found = [r for t, r in self._latest.items() if wanted(t)]
         found.sort(key=lambda r: r.topic)
         return found
 

@@ -18,6 +18,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificatePublicKeyTypes,
+    PublicKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CERT_FILE = "demo-cert.pem"
@@ -87,13 +91,23 @@ def _certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 
 def _usable(cert: Path, key: Path) -> bool:
+    """Whether both files can be read, the key is the certificate's, and the certificate is
+    valid for more than ``RENEW_BEFORE``."""
     try:
         loaded = x509.load_pem_x509_certificate(cert.read_bytes())
-        serialization.load_pem_private_key(key.read_bytes(), password=None)
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
         return False
+    if _public(loaded.public_key()) != _public(private.public_key()):
+        return False  # one of the pair was replaced: a server could not use them together
     left = loaded.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
     return left > RENEW_BEFORE
+
+
+def _public(key: CertificatePublicKeyTypes | PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _write(path: Path, data: bytes, *, mode: int) -> None:

@@ -26,6 +26,7 @@ from gateway.core.reading import Reading
 from gateway.deviceauth import DeviceClient, DevicePlaneSection, Refusal, hash_token
 from gateway.deviceplane import DevicePlane, RecentIds, TokenBucket
 from gateway.hub import Hub, Watermark
+from gateway.protocol import MAX_TOPICS
 
 TIMEOUT = 10.0
 
@@ -53,10 +54,13 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture
-def section(ca: trustme.CA, tmp_path: Path) -> DevicePlaneSection:
+def tls_section(
+    ca: trustme.CA, directory: Path, clients: tuple[DeviceClient, ...], **changes: Any
+) -> DevicePlaneSection:
+    """A section serving wss on loopback with a certificate of ``ca`` (files in
+    ``directory``), for ``clients``."""
     cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     return DevicePlaneSection(
@@ -64,9 +68,14 @@ def section(ca: trustme.CA, tmp_path: Path) -> DevicePlaneSection:
         port=0,
         tls_cert_file=Secret(cert_file, cert_file.read_text()),
         tls_key_file=Secret(key_file, key_file.read_text()),
-        clients=CLIENTS,
-        send_timeout=Duration(5.0),
+        clients=clients,
+        **changes,
     )
+
+
+@pytest.fixture
+def section(ca: trustme.CA, tmp_path: Path) -> DevicePlaneSection:
+    return tls_section(ca, tmp_path, CLIENTS, send_timeout=Duration(5.0))
 
 
 @pytest.fixture
@@ -621,6 +630,36 @@ async def test_subscribe_with_last_sends_the_latest_readings_first(
     assert stats.clients[0].bytes_out == stats.bytes_out
 
 
+async def test_a_connection_holds_at_most_max_topics_patterns(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, hub, _ = await gateway()
+    hub.publish(Reading("line-1/boiler/flow", 1.0, timestamp=1.0))
+    hmi = await connect(plane.port)
+    patterns = [f"line-1/dev-{i}/+" for i in range(MAX_TOPICS)]
+    for start in range(0, MAX_TOPICS, 25):
+        await hmi.send({"type": "subscribe", "topics": patterns[start : start + 25]})
+    await hmi.ping()
+    assert len(plane.statistics().clients[0].patterns) == MAX_TOPICS
+
+    # One more, in a message well within the limit of one message, is one too many in all:
+    # refused whole, with "last" too, and the connection stays as it was.
+    await hmi.send({"type": "subscribe", "topics": ["line-1/#", patterns[0]], "last": True})
+    error = await hmi.receive()
+    assert (error["type"], error["code"]) == ("error", "too-large")
+    assert error["message"].startswith(f"topics: {MAX_TOPICS + 1} patterns in all")
+    await hmi.ping()  # no snapshot came either
+    assert plane.statistics().clients[0].patterns == tuple(patterns)
+
+    # Patterns already held do not count twice; one freed makes room for another.
+    await hmi.send({"type": "subscribe", "topics": patterns[:10]})
+    await hmi.send({"type": "unsubscribe", "topics": [patterns[0]]})
+    await hmi.send({"type": "subscribe", "topics": ["line-1/#"], "last": True})
+    frame = await hmi.receive()
+    assert [r["topic"] for r in frame["readings"]] == ["line-1/boiler/flow"]
+    assert len(plane.statistics().clients[0].patterns) == MAX_TOPICS
+
+
 async def test_reload_revokes_removed_clients_and_keeps_the_others(
     gateway: Callable[..., Any], connect: Callable[..., Any], section: DevicePlaneSection
 ) -> None:
@@ -883,3 +922,58 @@ async def test_with_an_outbox_a_publish_is_acknowledged_once_committed(
     assert len((await watcher.receive()).readings) == 1
     watermark.advance(1)
     assert await sensor.receive() == {"type": "ack", "id": "p-2"}
+
+
+async def test_a_resent_publish_gets_the_answer_the_original_gets(
+    gateway: Callable[..., Any], connect: Callable[..., Any]
+) -> None:
+    plane, hub, _ = await gateway()
+    watermark = Watermark(hub.published)
+    plane.watermark = lambda: watermark
+    watcher = hub.subscribe("watcher", ["devices/#"])
+    publish = {"type": "publish", "id": "p-1", "readings": [{"point": "t", "value": 1}]}
+    first = await connect(plane.port, SENSOR_TOKEN)
+    await first.send(publish)
+    assert len((await watcher.receive()).readings) == 1
+    # Resent, on the same connection and on another one, before the outbox answered: not
+    # taken again, and not acknowledged either while the original is not committed.
+    await first.send(publish)
+    second = await connect(plane.port, SENSOR_TOKEN)
+    await second.send(publish)
+    await wait_until(lambda: plane.messages_in == 3)
+    await trio.testing.wait_all_tasks_blocked(0.1)
+    with pytest.raises(trio.WouldBlock):
+        watcher.receive_nowait()
+
+    watermark.advance(1, stored=False)  # the outbox refused it: so is every resend
+    for client in (first, first, second):
+        error = await client.receive()
+        assert (error["type"], error["code"], error["ref"]) == ("error", "not-stored", "p-1")
+
+    # The next resend is taken again; once committed, it and its duplicates are acknowledged.
+    await second.send(publish)
+    assert len((await watcher.receive()).readings) == 1
+    await first.send(publish)
+    watermark.advance(1)
+    assert await second.receive() == {"type": "ack", "id": "p-1"}
+    assert await first.receive() == {"type": "ack", "id": "p-1"}
+    await second.send(publish)
+    assert await second.receive() == {"type": "ack", "id": "p-1"}
+    with pytest.raises(trio.WouldBlock):
+        watcher.receive_nowait()
+
+
+def test_recent_ids_forget_an_id_only_while_it_waits_for_the_same_publish() -> None:
+    recent = RecentIds(4)
+    watermark = Watermark(0)
+    refused = deviceplane._AckWhenStored("p-1", 0, 1, watermark)
+    again = deviceplane._AckWhenStored("p-1", 1, 2, watermark)
+    recent.add("p-1", refused)
+    assert recent.get("p-1") is refused
+    recent.discard("p-1", refused)
+    assert "p-1" not in recent
+    recent.add("p-1", again)  # taken again meanwhile: a late answer to the old one keeps it
+    recent.discard("p-1", refused)
+    assert recent.get("p-1") is again
+    recent.discard("p-1")
+    assert "p-1" not in recent

@@ -6,10 +6,9 @@ what it answers, is the whole contract (``gateway.core.commands``)."""
 
 from __future__ import annotations
 
-import contextlib
-import ssl
+import socket
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,13 @@ from tests.test_deviceplane import (  # the fixtures too: one server setup for b
     HMI_TOKEN,
     SENSOR_TOKEN,
     TIMEOUT,
-    Client,
     ca,
     client_ssl,
+    connect,
     section,
 )
 
-__all__ = ["ca", "client_ssl", "section"]  # pytest fixtures used by name
+__all__ = ["ca", "client_ssl", "connect", "section"]  # pytest fixtures used by name
 
 PAGE = "https://gateway.plant.local:9443"
 """The status page's origin (the API's own)."""
@@ -121,30 +120,6 @@ async def gateway(
 
         yield start
         nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-def connect(client_ssl: ssl.SSLContext) -> Iterator[Callable[..., Any]]:
-    opened = contextlib.ExitStack()
-
-    async def connect(port: int, token: str | None = HMI_TOKEN, **kwargs: Any) -> Client:
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        ws = await trio.to_thread.run_sync(
-            lambda: opened.enter_context(
-                websockets.sync.client.connect(
-                    f"wss://127.0.0.1:{port}/",
-                    ssl=client_ssl,
-                    additional_headers=headers,
-                    open_timeout=TIMEOUT,
-                    close_timeout=TIMEOUT,
-                    **kwargs,
-                )
-            )
-        )
-        return Client(ws)
-
-    with opened:
-        yield connect
 
 
 async def status_of(connect: Callable[..., Any], port: int, **kwargs: Any) -> int:
@@ -283,30 +258,77 @@ async def test_no_command_reaches_a_reserved_client(
     await local.ping()  # and nothing was sent
 
 
-async def test_a_client_that_stops_reading_does_not_hold_up_send_command(
+async def test_a_client_that_stops_reading_holds_up_only_its_own_commands(
     gateway: Callable[..., Any], connect: Callable[..., Any], sink: RecordingSink
 ) -> None:
-    plane, _ = await gateway()
+    send_timeout = 1.0
+    plane, _ = await gateway(send_timeout=Duration(send_timeout))
     stalled = await connect(plane.port, max_queue=1)  # reads nothing more once one frame waits
     sensor = await connect(plane.port, SENSOR_TOKEN)
     await sink.wait_connected(2)
-    big = {"text": "x" * 60_000}
+    big: dict[str, Json] = {"text": "x" * 60_000}
     sent = 0
-    # Each call returns at once (it has no wait in it: a stuck send would show as a timeout
-    # here); once socket buffers and COMMAND_BYTES_QUEUED are full, the client is closed.
-    with trio.fail_after(TIMEOUT):
+    delivered = trio.Event()
+
+    async def deliver() -> None:
+        """The router's delivery task for hmi-1: the only one that waits for it."""
+        nonlocal sent
         while await plane.send_command("hmi-1", request(f"c-{sent}", args=big)):
             sent += 1
             assert sent < 2000, "the stalled client was never closed"
-    assert sent >= COMMAND_BYTES_QUEUED // 61_000
-    assert not plane.connected("hmi-1")
+        delivered.set()
 
-    # The others are served meanwhile.
-    assert await plane.send_command("sensor-7", request("s-1", client_id="sensor-7")) is True
-    assert (await sensor.receive())["command_id"] == "s-1"
-    await sensor.ping()
-    # The stalled client, once it reads, gets what was sent to it, then 1013.
-    assert await stalled.close_code() == 1013
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver)
+            # Socket buffers and COMMAND_BYTES_QUEUED full: send_command waits for room.
+            await trio.testing.wait_all_tasks_blocked(0.2)
+            assert not delivered.is_set()
+            assert sent >= COMMAND_BYTES_QUEUED // 61_000
+            # The others are served meanwhile.
+            assert await plane.send_command("sensor-7", request("s-1", client_id="sensor-7"))
+            assert (await sensor.receive())["command_id"] == "s-1"
+            await sensor.ping()
+            started = trio.current_time()
+            await delivered.wait()
+            # No room within send_timeout: the stalled client is closed, the wait ends.
+            assert trio.current_time() - started < send_timeout + 1.0
+    assert not plane.connected("hmi-1")
+    # A send of its own was cut off by send_timeout first: no close frame could follow it.
+    assert await stalled.close_code() == -1
+
+
+async def test_a_backlog_larger_than_the_command_budget_reaches_a_client_that_reads(
+    gateway: Callable[..., Any], connect: Callable[..., Any], sink: RecordingSink
+) -> None:
+    # A device reconnecting to 100 pending commands of 16 kB (over COMMAND_BYTES_QUEUED in
+    # all) on a slow link gets them all, at its pace, rather than 1013 at every reconnect.
+    plane, _ = await gateway()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16_384)  # a slow link, modelled
+    sock.settimeout(TIMEOUT)
+    await trio.to_thread.run_sync(sock.connect, ("127.0.0.1", plane.port))
+    device = await connect(plane.port, sock=sock, max_queue=1)
+    await sink.wait_connected(1)
+    count = 100
+    assert count * 16_000 > COMMAND_BYTES_QUEUED
+    taken = 0
+
+    async def deliver() -> None:
+        nonlocal taken
+        for i in range(count):
+            taken += await plane.send_command("hmi-1", request(f"c-{i}", args={"t": "x" * 16_000}))
+
+    with trio.fail_after(4 * TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver)
+            for i in range(count):
+                frame = await device.receive()
+                assert (frame["type"], frame["command_id"]) == ("command", f"c-{i}")
+                await trio.sleep(0.002)  # a device that does something with each
+    assert taken == count
+    assert plane.connected("hmi-1")
+    await device.ping()
 
 
 # ---- viewer tokens ---------------------------------------------------------------------------

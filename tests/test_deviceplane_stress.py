@@ -39,11 +39,14 @@ import wsproto
 import wsproto.events
 from trio_websocket import WebSocketServer
 
-from gateway.core.configtypes import Duration, Name, Secret
+from gateway.core.configtypes import Duration, Name
 from gateway.core.reading import Reading
 from gateway.deviceauth import DeviceClient, DevicePlaneSection, hash_token
 from gateway.deviceplane import ClientStatistics, DevicePlane
 from gateway.hub import Hub
+from tests.test_deviceplane import ca, client_ssl, tls_section  # the same server setup
+
+__all__ = ["ca", "client_ssl"]  # pytest fixtures used by name
 
 # Upper bound for something that normally takes a fraction of a second; only a failing test
 # ever waits this long.
@@ -71,11 +74,6 @@ CHURN_SCRIPT = Path(__file__).with_name("wss_churn_clients.py")
 # ---- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
     path = tmp_path / "ca.pem"
@@ -85,24 +83,7 @@ def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def section(ca: trustme.CA, tmp_path: Path) -> DevicePlaneSection:
-    cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    return DevicePlaneSection(
-        listen="127.0.0.1",
-        port=0,
-        tls_cert_file=Secret(cert_file, cert_file.read_text()),
-        tls_key_file=Secret(key_file, key_file.read_text()),
-        clients=CLIENTS,
-    )
-
-
-@pytest.fixture
-def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
+    return tls_section(ca, tmp_path, CLIENTS)
 
 
 @pytest.fixture

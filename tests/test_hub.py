@@ -10,8 +10,8 @@ import trio
 import trio.testing
 
 from gateway.core.reading import Reading, iso_utc
-from gateway.core.topics import matches, pattern_problem
-from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow
+from gateway.core.topics import matcher, matches, pattern_problem
+from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Watermark
 
 
 def reading(topic: str, value: float) -> Reading:
@@ -35,6 +35,46 @@ def reading(topic: str, value: float) -> Reading:
 )
 def test_topic_matching(pattern: str, topic: str, expected: bool) -> None:
     assert matches(pattern, topic) is expected
+    assert matcher([pattern])(topic) is expected
+
+
+def test_one_matcher_for_many_patterns_agrees_with_matches() -> None:
+    rng = random.Random(11)
+    # Levels that regular expressions treat specially, and patterns matches() takes although
+    # the hub refuses them ('#' inside, empty levels): the two must agree on all of it.
+    names = ["a", "b", "a.b", "x*", "(", "+x", "#", "", "é", "\\", "a\nb", "$"]
+
+    def levels(n: int, wild: bool) -> list[str]:
+        pool = names + ["+", "#"] * 3 if wild else names
+        return [rng.choice(pool) for _ in range(n)]
+
+    for _ in range(3000):
+        patterns = ["/".join(levels(rng.randint(1, 4), True)) for _ in range(rng.randint(0, 4))]
+        if rng.random() < 0.2:
+            patterns.append("a/b/c")  # some topics are equal to a pattern
+        wanted = matcher(patterns)
+        for _ in range(10):
+            topic = "/".join(levels(rng.randint(1, 4), False))
+            if rng.random() < 0.1:
+                topic = rng.choice(patterns or ["a/b/c"])
+            expected = any(matches(p, topic) for p in patterns)
+            assert wanted(topic) is expected, (patterns, topic)
+    assert matcher([])("a/b/c") is False
+    assert matcher(["x/y/z", "#"])("") is True
+
+
+def test_latest_matches_many_patterns_against_many_topics() -> None:
+    hub = Hub()
+    for i in range(1000):
+        hub.publish(reading(f"line-{i % 10}/dev-{i}/t", i))
+    patterns = [f"line-{i % 10}/dev-{i}/+" for i in range(0, 1000, 10)] + ["line-3/#"]
+    found = [r.topic for r in hub.latest(patterns)]
+    expected = sorted(
+        t
+        for t in (f"line-{i % 10}/dev-{i}/t" for i in range(1000))
+        if t.startswith("line-0/") or t.startswith("line-3/")
+    )
+    assert found == expected
 
 
 @pytest.mark.parametrize("pattern", ["a/#/b", "a/b+", "a//b", "#a"])
@@ -237,3 +277,26 @@ def test_iso_utc_matches_datetime_to_the_millisecond() -> None:
             ts = float(int(ts)) + 0.9999995  # rounds up into the next second
         expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
         assert iso_utc(ts) == expected.replace("+00:00", "Z"), ts
+
+
+async def test_watermark_merges_adjacent_refusals_and_keeps_them() -> None:
+    watermark = Watermark(0)
+    for _ in range(300):  # one refusal per reading, as a full outbox refuses a stream
+        watermark.advance(1, stored=False)
+    watermark.advance(1)
+    assert await watermark.reached(0, 1) is False
+    assert await watermark.reached(150, 151) is False
+    assert await watermark.reached(300, 301) is True
+
+
+async def test_watermark_never_confirms_refusals_it_forgot() -> None:
+    watermark = Watermark(0)
+    for _ in range(300):  # runs apart: each one is kept on its own, up to REFUSED_KEPT
+        watermark.advance(1, stored=False)
+        watermark.advance(1)
+    assert await watermark.reached(0, 1) is False  # forgotten: not stored, to be safe
+    assert await watermark.reached(1, 2) is False  # stored, but among forgotten refusals
+    last_refused = 2 * 299
+    assert await watermark.reached(last_refused, last_refused + 1) is False
+    assert await watermark.reached(last_refused + 1, last_refused + 2) is True
+    assert await watermark.reached(2 * 200 + 1, 2 * 200 + 2) is True  # among those kept
