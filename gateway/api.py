@@ -44,7 +44,6 @@ import secrets
 import ssl
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -63,10 +62,11 @@ from gateway.commands import (
     parse_command,
     record_json,
     record_xml,
+    records_xml,
     status_url,
 )
 from gateway.core.commands import CommandRecord, CommandRejected, Source, Unavailable
-from gateway.core.component import Condition, State
+from gateway.core.component import Condition, StartPolicy, State
 from gateway.core.configtypes import Duration, Secret, Size, format_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Reading, iso_utc
@@ -113,6 +113,7 @@ MIN_PASSWORD_LENGTH = 12
 MAX_USER_NAME = 64
 
 VERIFY_THREADS = 2
+"""Worker threads checking passwords (scrypt) at once; the others wait for one."""
 MAX_VERIFYING = 8
 """Password checks (scrypt) waiting or running at once; beyond, a login gets 503 at once, so
 a flood of wrong passwords cannot queue up minutes of work in front of CPI's next call."""
@@ -143,9 +144,8 @@ RECENT_COMMANDS = 20
 """Commands in ``/api/v1/status``."""
 MAX_COMMANDS_LISTED = 1000
 """The largest ``limit`` of ``GET /api/v1/commands``."""
-
-REQUIRED_KINDS = frozenset({"outbox", "device plane", "api"})
-"""Components the gateway cannot be ready without (started with ``StartPolicy.REQUIRED``)."""
+WRITER_THREADS = 2
+"""Worker threads writing out ``GET /api/v1/commands`` lists (off the event loop)."""
 
 STATUS_PAGE = "statuspage.html"
 """The status page, a file of this package."""
@@ -167,8 +167,8 @@ class ApiUser:
     password_scrypt: str = attrs.field(repr=False)
     """``scrypt$<n>$<r>$<p>$<salt base64>$<hash base64>`` (``edge-gateway hash-password``)."""
     role: Role = "viewer"
-    """Viewer unless said: a user table that forgets ``role`` must not get command rights."""
-    """``operator``: everything; ``viewer``: read-only (no commands)."""
+    """``operator``: everything; ``viewer``: read-only (no commands). Viewer unless said: a
+    user table that forgets ``role`` must not get command rights."""
 
     def check(self) -> Iterator[tuple[str, str]]:
         problem = user_name_problem(self.name)
@@ -521,7 +521,8 @@ class ApiServices(Protocol):
         ...
 
     def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
-        """A viewer token for a page served from ``origin``; None without a device plane."""
+        """A viewer token for a page served from ``origin``; None without a device plane.
+        Raises ``Unavailable`` while it is configured but not running (answered 503)."""
         ...
 
 
@@ -550,10 +551,7 @@ def _label(component: SupervisedStatistics) -> str:
 
 
 def _required(component: SupervisedStatistics) -> bool:
-    policy = getattr(component, "policy", None)
-    if policy is not None:
-        return str(getattr(policy, "value", policy)) == "required"
-    return component.kind in REQUIRED_KINDS
+    return component.policy is StartPolicy.REQUIRED
 
 
 def _ago(seconds: float) -> str:
@@ -901,6 +899,7 @@ class Api:
         self._users = {u.name: u for u in section.users}
         self._ssl_context: ssl.SSLContext | None = None
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
+        self._writers = trio.CapacityLimiter(WRITER_THREADS)
         self._verifying = 0
         self._peer_failures: dict[tuple[str, str], tuple[float, int]] = {}
         """Per (address, user name): when its window of failed logins started, how many."""
@@ -1209,13 +1208,17 @@ class Api:
         return name if name in self._users else UNKNOWN_USERS
 
     def _count_peer_failure(self, key: tuple[str, str], now: float) -> None:
-        peer = key
-        start, count = self._peer_failures.get(peer, (now, 0))
+        start, count = self._peer_failures.get(key, (now, 0))
         if now - start >= PEER_WINDOW:
             start, count = now, 0
-        if peer not in self._peer_failures and len(self._peer_failures) >= AUTH_CACHE_SIZE:
-            self._peer_failures.clear()  # bounded, however many addresses try
-        self._peer_failures[peer] = (start, count + 1)
+        if key not in self._peer_failures and len(self._peer_failures) >= AUTH_CACHE_SIZE:
+            # Bounded, however many addresses try: the windows that ended go first, and only
+            # if all are still running is everything forgotten.
+            for ended in [k for k, (t, _) in self._peer_failures.items() if now - t >= PEER_WINDOW]:
+                del self._peer_failures[ended]
+            if len(self._peer_failures) >= AUTH_CACHE_SIZE:
+                self._peer_failures.clear()
+        self._peer_failures[key] = (start, count + 1)
 
     def _remember(self, key: bytes, now: float) -> None:
         if len(self._verified) >= AUTH_CACHE_SIZE:
@@ -1280,9 +1283,7 @@ class Api:
                 "readings": [_reading(r) for r in latest],
                 "commands": [record_json(r) for r in recent],
                 # Without minting a token on every poll: the page asks /api/v1/live itself.
-                "live": any(
-                    c.kind == "device plane" for c in self.services.statistics().components
-                ),
+                "live": any(c.kind == "device plane" for c in stats.components),
             }
         )
         return body
@@ -1298,7 +1299,13 @@ class Api:
             )
             return
         origin = normalize_origin(f"{request.scheme}://{header.strip()}")
-        access = self.services.live(origin, user)
+        try:
+            access = self.services.live(origin, user)
+        except Unavailable as e:
+            # Configured, not running now (restarting, or the gateway stops): the page
+            # tries again with its backoff, unlike after a 404.
+            await out.error(503, "unavailable", str(e))
+            return
         if access is None:
             await out.error(
                 404,
@@ -1460,13 +1467,19 @@ class Api:
         except Unavailable as e:
             await out.error(503, "unavailable", str(e), xml=xml)
             return
+        # A thousand records with large arguments take a good part of a second to write out
+        # (XML more than JSON): done on a worker thread, so the event loop goes on serving
+        # the other requests, the device plane and the buses meanwhile.
         if xml:
-            root = ET.Element("commands")
-            for record in records:
-                root.append(ET.fromstring(record_xml(record)))
-            await out.respond(200, ET.tostring(root, encoding="utf-8", xml_declaration=True), XML)
+            body = await trio.to_thread.run_sync(records_xml, records, limiter=self._writers)
+            await out.respond(200, body, XML)
         else:
-            await out.json(200, {"commands": [record_json(r) for r in records]})
+            body = await trio.to_thread.run_sync(_records_json, records, limiter=self._writers)
+            await out.respond(200, body, JSON)
+
+
+def _records_json(records: Sequence[CommandRecord]) -> bytes:
+    return _dumps({"commands": [record_json(r) for r in records]})
 
 
 _BIND_HINTS = {

@@ -704,11 +704,15 @@ class Gateway:
         await router.from_cpi(commands)
 
     def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
-        """A short-lived token for the status page's wss subscription."""
+        """A short-lived token for the status page's wss subscription; None without a
+        ``[device_plane]``. Raises ``Unavailable`` while it is configured but not running
+        (restarting, or the gateway stops): the page tries again later."""
         plane = self.device_plane()
         section = self.config.device_plane
-        if plane is None or section is None or self.stopping:
+        if section is None:
             return None
+        if plane is None or self.stopping:
+            raise Unavailable("the device plane is not running now (see /readyz): try again")
         port = plane.statistics().port or section.port
         try:
             token = plane.viewer_token(origin, owner=user)

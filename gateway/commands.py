@@ -40,7 +40,7 @@ import sqlite3
 import time
 import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NewType, TypeVar, cast
@@ -69,7 +69,7 @@ from gateway.core.commands import (
     Target,
     Unavailable,
 )
-from gateway.core.component import UP, Condition, StartupError, State
+from gateway.core.component import UP, Condition, State
 from gateway.core.configtypes import ConfigValueError, parse_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Value, iso_utc
@@ -78,9 +78,6 @@ from gateway.core.validation import UnknownKey, join, json_depth_problem, leaves
 from gateway.protocol import show
 
 log = logging.getLogger("gateway.commands")
-
-EX_CONFIG = 78
-"""sysexits.h: a store that cannot be opened needs a person (systemd does not restart)."""
 
 MAX_ID = 128
 MAX_NAME = 64
@@ -230,16 +227,31 @@ def _timeout(value: object, _: type) -> Timeout:
     if isinstance(value, str):
         try:
             return Timeout(parse_duration(value))
-        except ConfigValueError as e:
-            if "too long" in str(e):  # beyond a year: a typo, far beyond any max_timeout
-                raise _Problem(f'{show(value)} is far too long: send e.g. "30s"') from None
+        except ConfigValueError:
+            if _DURATION_SHAPE.fullmatch(value):
+                # A duration, only beyond a year (a typo): the limit check says the most.
+                return _FAR_TOO_LONG
             raise _Problem(
                 f'{show(value)} is not a duration: send e.g. "5s", "500ms", "1min" or a number '
                 "of seconds"
             ) from None
-    if not math.isfinite(value):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        if value < 0:
+            raise _Problem(
+                f'{show(value)} is not a timeout: send seconds, e.g. 5 or "5s"'
+            ) from None
+        return _FAR_TOO_LONG
+    if not math.isfinite(seconds):
         raise _Problem(f'{value} is not a timeout: send seconds, e.g. 5 or "5s"')
-    return Timeout(float(value))
+    return Timeout(seconds)
+
+
+_DURATION_SHAPE = re.compile(r"\s*\d+(?:\.\d+)?\s*(?:ms|s|min|h|d)\s*", re.ASCII)
+"""What ``parse_duration`` reads; one it refused anyway is beyond its longest duration."""
+_FAR_TOO_LONG = Timeout(math.inf)
+"""A timeout beyond any limit (more than a year, more digits than a float holds)."""
 
 
 _EXPIRES_EXAMPLE = '"2026-11-27T22:00:00Z"'
@@ -366,10 +378,12 @@ def command_from_object(data: object, *, now: float, limits: CommandLimits) -> C
         if len(problems) > _MESSAGES_PER_ERROR:
             message += f"; and {len(problems) - _MESSAGES_PER_ERROR} more"
         raise _invalid(message) from None
-    return _request(body, now, limits)
+    return _request(body, now, limits, data.get("timeout"))
 
 
-def _request(body: _Body, now: float, limits: CommandLimits) -> CommandRequest:
+def _request(
+    body: _Body, now: float, limits: CommandLimits, sent_timeout: object
+) -> CommandRequest:
     target = parse_target(body.target)
     value: Value
     if isinstance(target, ModbusTarget):
@@ -399,6 +413,12 @@ def _request(body: _Body, now: float, limits: CommandLimits) -> CommandRequest:
             f"args and value are {size} bytes as JSON: at most {limits.max_args_bytes}",
         )
     timeout = limits.default_timeout if body.timeout is None else body.timeout
+    if timeout == _FAR_TOO_LONG:
+        raise CommandRejected(
+            422,
+            "bad-timeout",
+            f"timeout: {show(sent_timeout)} is far too long: at most {limits.max_timeout:g}s",
+        )
     if not MIN_TIMEOUT <= timeout <= limits.max_timeout:
         raise CommandRejected(
             422,
@@ -413,7 +433,7 @@ def _request(body: _Body, now: float, limits: CommandLimits) -> CommandRequest:
         raise CommandRejected(
             422,
             "bad-expires",
-            f"expires: {_iso(expires)} is more than {limits.max_expiry / 86400:g} days ahead: "
+            f"expires: {iso_utc(expires)} is more than {limits.max_expiry / 86400:g} days ahead: "
             "send an earlier time",
         )
     return CommandRequest(
@@ -426,13 +446,6 @@ def _request(body: _Body, now: float, limits: CommandLimits) -> CommandRequest:
         expires=expires,
         read_back=bool(body.read_back),
     )
-
-
-def _iso(ts: float) -> str:
-    try:
-        return iso_utc(ts)
-    except (OverflowError, ValueError, OSError):  # beyond year 9999
-        return "the end of year 9999"
 
 
 def _media_type(content_type: str) -> tuple[str, str | None]:
@@ -602,9 +615,9 @@ def record_json(record: CommandRecord) -> dict[str, object]:
         "result": record.result,
         "error": record.error,
         "source": record.source.value,
-        "created": _iso(record.created),
-        "updated": _iso(record.updated),
-        "expires": _iso(request.expires),
+        "created": iso_utc(record.created),
+        "updated": iso_utc(record.updated),
+        "expires": iso_utc(request.expires),
         "status_url": status_url(request.id),
     }
 
@@ -647,10 +660,23 @@ def _xml_document(root: ET.Element) -> bytes:
     return document
 
 
-def record_xml(record: CommandRecord) -> bytes:
-    root = ET.Element("command")
+def _record_element(parent: ET.Element | None, record: CommandRecord) -> ET.Element:
+    element = ET.Element("command") if parent is None else ET.SubElement(parent, "command")
     for key, value in record_json(record).items():
-        _xml_value(ET.SubElement(root, key), value)
+        _xml_value(ET.SubElement(element, key), value)
+    return element
+
+
+def record_xml(record: CommandRecord) -> bytes:
+    return _xml_document(_record_element(None, record))
+
+
+def records_xml(records: Iterable[CommandRecord]) -> bytes:
+    """``<commands>`` holding each record's ``<command>``, as ``record_xml`` writes it, in
+    one document (built once, not each record serialised and parsed again)."""
+    root = ET.Element("commands")
+    for record in records:
+        _record_element(root, record)
     return _xml_document(root)
 
 
@@ -972,14 +998,12 @@ class CommandRouter:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            store = await trio.to_thread.run_sync(
-                functools.partial(_Store, self.path), limiter=self._limiter
-            )
-        except CommandStoreError as e:
-            # A missing directory, no permission, another database: only a person can fix
-            # it, so exit 78 (systemd does not restart). A corrupt file does not land here.
-            raise StartupError(f"commands: {e}", EX_CONFIG) from None
+        # A missing directory, no permission, another database: CommandStoreError says
+        # what to do, and the supervisor tries again with backoff (the rest of the gateway
+        # goes on; commands are 503 meanwhile).
+        store = await trio.to_thread.run_sync(
+            functools.partial(_Store, self.path), limiter=self._limiter
+        )
         self._store = store
         try:
             await self._load(store)
@@ -1273,8 +1297,8 @@ class CommandRouter:
             raise CommandRejected(
                 422,
                 "expired",
-                f"expires: {_iso(request.expires)} has passed (the gateway's time is "
-                f"{_iso(now)}): send a later time, or leave expires out",
+                f"expires: {iso_utc(request.expires)} has passed (the gateway's time is "
+                f"{iso_utc(now)}): send a later time, or leave expires out",
             )
         target = request.target
         devices = None
@@ -1526,7 +1550,7 @@ class CommandRouter:
             CommandState.EXPIRED,
             self._wall(),
             status=410,
-            error=f"not {what} before {_iso(record.request.expires)}",
+            error=f"not {what} before {iso_utc(record.request.expires)}",
         )
 
     async def _sweep(self) -> None:

@@ -29,7 +29,6 @@ from prometheus_client.metrics_core import (
 
 from gateway.commands import CommandStatistics
 from gateway.core.component import State
-from gateway.core.histogram import HistogramSnapshot
 from gateway.deviceplane import DevicePlaneStatistics
 from gateway.forwarder import ForwarderStatistics
 from gateway.outbox import OutboxStatistics
@@ -250,18 +249,15 @@ def _cpi(forwarders: list[ForwarderStatistics]) -> Iterator[Metric]:
         'Batch POSTs to CPI by HTTP status ("error": no answer).',
         labels=["status"],
     )
-    responses: Mapping[str, int] = getattr(f, "responses", {})
-    for status, count in sorted(responses.items()):
+    for status, count in sorted(f.responses.items()):
         requests.add_metric([status], count)
     yield requests
-    histogram: HistogramSnapshot | None = getattr(f, "request_seconds", None)
-    if histogram is not None:
-        yield HistogramMetricFamily(
-            _name("cpi_request_duration_seconds"),
-            "How long each batch POST to CPI took, answered or not.",
-            buckets=[(_le(b), n) for b, n in histogram.cumulative()],
-            sum_value=histogram.total,
-        )
+    yield HistogramMetricFamily(
+        _name("cpi_request_duration_seconds"),
+        "How long each batch POST to CPI took, answered or not.",
+        buckets=[(_le(b), n) for b, n in f.request_seconds.cumulative()],
+        sum_value=f.request_seconds.total,
+    )
     yield _counter("cpi_readings_delivered", "Readings CPI confirmed.", f.readings_delivered)
     yield _counter("cpi_batches_delivered", "Batches CPI confirmed.", f.batches_delivered)
     yield _counter("cpi_retries", "Batch POSTs sent again after a failure.", f.retries)

@@ -6,9 +6,11 @@ through the API on purpose, so the same checks apply as to CPI (auth, validation
 idempotent id) and the result is recorded where ``GET /api/v1/commands/{id}`` finds it.
 
 With no ``--url`` it reads the local config's ``[api]``: the address (a wildcard listen
-address becomes 127.0.0.1) and, for TLS, trusts exactly the server's own certificate file.
+address becomes 127.0.0.1) and, for TLS, trusts exactly the server's own certificate (the
+first one in its ``tls_cert_file``), pinned as ``tail`` pins it.
 
-Depends on httpx, ``gateway.config`` (the local config) and ``gateway.api`` (its section).
+Depends on httpx, ``gateway.config`` (the local config), ``gateway.api`` (its section, the
+longest command timeout) and ``gateway.tail`` (the TLS contexts, shared with ``tail``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from urllib.parse import quote
 
 import httpx
 
+from gateway.api import MAX_COMMAND_TIMEOUT
 from gateway.config import DEFAULT_PATH, EX_CONFIG, ConfigError, load_config
+from gateway.tail import ca_context, pinned_pem_context
 
 EX_DATAERR = 65
 """The gateway refused the command (4xx): nothing was executed."""
@@ -42,6 +46,10 @@ FAILED = 1
 """Executed and failed, or expired."""
 
 PASSWORD_ENV = "EDGE_GATEWAY_PASSWORD"
+
+TIMEOUT = httpx.Timeout(10.0, read=MAX_COMMAND_TIMEOUT + 10.0)
+"""The API answers within the command's timeout (at most ``MAX_COMMAND_TIMEOUT``); allow for
+the round trip, and never wait forever on a gateway that does not answer."""
 
 DESCRIPTION = """\
 Send one command through the gateway's HTTPS API (the same checks as for CPI) and print
@@ -96,7 +104,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--url", help="the API's base URL (default: from the config's [api])")
     parser.add_argument("--user", required=True, help="an [[api.users]] name")
     parser.add_argument("--password-file", type=Path, help="a file holding the password")
-    parser.add_argument("--ca", type=Path, help="CA or certificate file to trust for --url")
+    parser.add_argument(
+        "--ca", type=Path, help="a CA, or the gateway's certificate, to trust (names checked)"
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the gateway's config")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
 
@@ -123,11 +133,10 @@ def main(args: argparse.Namespace) -> int:
         return e.status
     auth = httpx.BasicAuth(args.user, password)
     try:
-        with httpx.Client(base_url=url, verify=verify, auth=auth, timeout=None) as client:
+        with httpx.Client(base_url=url, verify=verify, auth=auth, timeout=TIMEOUT) as client:
             if body is None:
                 response = client.get(f"/api/v1/commands/{quote(args.status, safe='')}")
             else:
-                # The API answers within the command's timeout; allow for the round trip.
                 response = client.post("/api/v1/commands", json=body)
     except httpx.HTTPError as e:
         hint = ""
@@ -205,9 +214,7 @@ def endpoint(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | bool]:
     if args.url:
         if args.ca is None:
             return args.url.rstrip("/"), True
-        if not args.ca.is_file():
-            raise Refused(f"--ca {args.ca}: no such file", 2)
-        return args.url.rstrip("/"), _trust(args.ca, pinned=False)
+        return args.url.rstrip("/"), _ca(args.ca)
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -228,27 +235,30 @@ def endpoint(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | bool]:
     if api.plain:
         return url, False
     if args.ca is not None:
-        return url, _trust(args.ca, pinned=False)
+        return url, _ca(args.ca)
     if api.tls_cert_file is None:
         return url, True
-    # The server's own certificate, as found in its config: trusted as it is, whatever names
-    # it holds (it is for the plant's name, and we connect to the loopback address).
-    return url, _trust(api.tls_cert_file.source, pinned=True, pem=api.tls_cert_file.reveal())
-
-
-def _trust(cafile: Path, *, pinned: bool, pem: str | None = None) -> ssl.SSLContext:
+    # The server's own certificate (the first one in its file, not the CA certificates that
+    # may follow it), as tail pins it: trusted as it is, whatever names it holds (it is for
+    # the plant's name, and we connect to the loopback address).
     try:
-        if pem is not None:
-            context = ssl.create_default_context(cadata=pem)
-        else:
-            context = ssl.create_default_context(cafile=str(cafile))
+        return url, pinned_pem_context(api.tls_cert_file.reveal())
+    except (ValueError, ssl.SSLError) as e:
+        raise Refused(
+            f"cannot use {api.tls_cert_file.source} as the certificate to trust: {e} "
+            "(give the gateway's certificate or its CA with --ca)",
+            EX_CONFIG,
+        ) from None
+
+
+def _ca(path: Path) -> ssl.SSLContext:
+    """``--ca``: a CA, or the gateway's own certificate, names checked (as for tail)."""
+    if not path.is_file():
+        raise Refused(f"--ca {path}: no such file", 2)
+    try:
+        return ca_context(str(path))
     except (OSError, ssl.SSLError) as e:
-        raise Refused(f"cannot use {cafile} as the certificate to trust: {e}", EX_CONFIG) from None
-    if pinned:
-        context.check_hostname = False
-        # A leaf certificate as the only trust anchor: the server must present exactly it.
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    return context
+        raise Refused(f"--ca {path}: {e}: give a PEM certificate file", 2) from None
 
 
 def read_password(path: Path | None) -> str:

@@ -115,6 +115,13 @@ def pinned_context(cert_file: str) -> ssl.SSLContext:
     """Trust exactly the (first) certificate in ``cert_file``, whatever name it was issued
     for. Raises ``OSError``, ``FileRefused`` or ``ValueError`` (no certificate in it)."""
     text = read_regular_file(Path(cert_file), MAX_SECRET_FILE).decode("ascii", "replace")
+    return pinned_pem_context(text)
+
+
+def pinned_pem_context(text: str) -> ssl.SSLContext:
+    """Trust exactly the first PEM certificate in ``text`` (a certificate file's content),
+    whatever name it was issued for. Raises ``ValueError`` (no certificate in it) or
+    ``ssl.SSLError``."""
     first = _PEM_CERTIFICATE.search(text)
     if first is None:
         raise ValueError("holds no PEM certificate")

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import ssl
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,7 +49,7 @@ from gateway.core.commands import (
     Source,
     Unavailable,
 )
-from gateway.core.component import State
+from gateway.core.component import StartPolicy, State
 from gateway.core.configtypes import Duration, Secret, Size
 from gateway.core.reading import Quality, Reading
 from gateway.supervisor import GatewayStatistics, SupervisedStatistics
@@ -194,6 +196,8 @@ class FakeServices:
     readings: list[Reading] = attrs.Factory(list)
     the_router: FakeRouter | None = attrs.Factory(FakeRouter)
     access: LiveAccess | None = None
+    live_down: bool = False
+    """``live()`` raises ``Unavailable``: a device plane configured, not running now."""
     origins: list[str | None] = attrs.Factory(list)
     broken: bool = False
 
@@ -210,6 +214,8 @@ class FakeServices:
 
     def live(self, origin: str | None, user: str | None = None) -> LiveAccess | None:
         self.origins.append(origin)
+        if self.live_down:
+            raise Unavailable("the device plane is not running now (see /readyz): try again")
         return self.access
 
     def replace(self, name: str, **changes: Any) -> None:
@@ -364,12 +370,44 @@ async def test_a_user_name_that_keeps_failing_is_refused_without_a_password_chec
 async def test_too_many_password_checks_at_once_get_503_at_once(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(server.api, "_verifying", api_module.MAX_VERIFYING)
-    async with server.client(auth=(OPERATOR[0], "not cached")) as c:
-        r = await c.get("/readyz")
-    assert r.status_code == 503
-    assert error(r)["code"] == "busy"
-    assert r.headers["retry-after"] == "1"
+    release = threading.Event()
+    checks: list[str] = []
+
+    def held(password: str, stored: str) -> bool:
+        checks.append(password)
+        release.wait(TIMEOUT)
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(api_module, "verify_password", held)
+    answers: list[int] = []
+
+    async def login(c: httpx.AsyncClient, password: str) -> None:
+        answers.append((await c.get("/readyz", auth=(OPERATOR[0], password))).status_code)
+
+    async with server.client(auth=None) as c:
+        try:
+            async with trio.open_nursery() as nursery:
+                for n in range(api_module.MAX_VERIFYING):
+                    nursery.start_soon(login, c, f"wrong {n}")
+                with trio.fail_after(TIMEOUT):
+                    # Two checks run on the worker threads, the others wait for one.
+                    while server.api._verifying < api_module.MAX_VERIFYING:
+                        await trio.testing.wait_all_tasks_blocked(0.01)
+                started = trio.current_time()
+                r = await c.get("/readyz", auth=(OPERATOR[0], "one more"))
+                assert r.status_code == 503
+                assert error(r)["code"] == "busy"
+                assert r.headers["retry-after"] == "1"
+                assert trio.current_time() - started < 1  # at once, not after the queue
+                assert answers == []
+                assert "one more" not in checks
+                release.set()
+        finally:
+            release.set()
+    assert answers == [401] * api_module.MAX_VERIFYING
+    # The checks are done: the next login is checked again.
+    async with server.client() as c:
+        assert (await c.get("/readyz")).status_code == 200
 
 
 async def test_a_success_is_remembered_a_failure_is_not(
@@ -661,6 +699,32 @@ async def test_list_of_commands_newest_first_with_a_limit(client: httpx.AsyncCli
         assert (r.status_code, error(r)["code"]) == (400, "bad-limit")
 
 
+async def test_a_list_of_commands_is_written_out_off_the_event_loop(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(3):
+        await client.post(
+            "/api/v1/commands", json={"id": f"c{n}", "target": "modbus:plc/m/p", "value": n}
+        )
+    threads: list[threading.Thread] = []
+
+    def watched(write: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+        def on_its_thread(records: Any) -> bytes:
+            threads.append(threading.current_thread())
+            return write(records)
+
+        return on_its_thread
+
+    monkeypatch.setattr(api_module, "records_xml", watched(api_module.records_xml))
+    monkeypatch.setattr(api_module, "_records_json", watched(api_module._records_json))
+    r = await client.get("/api/v1/commands", params={"limit": 1000})
+    assert [c["id"] for c in r.json()["commands"]] == ["c2", "c1", "c0"]
+    r = await client.get("/api/v1/commands", headers={"accept": "application/xml"})
+    assert [c.findtext("id") for c in ET.fromstring(r.content)] == ["c2", "c1", "c0"]
+    assert len(threads) == 2
+    assert threading.main_thread() not in threads
+
+
 async def test_without_a_router_commands_are_503(
     client: httpx.AsyncClient, services: FakeServices
 ) -> None:
@@ -753,6 +817,32 @@ def test_a_required_component_starting_is_not_ready() -> None:
     assert body["cpi"] is None
 
 
+def test_required_is_the_components_start_policy_not_its_kind() -> None:
+    stats = gateway_statistics(
+        [
+            component("spool", "outbox", None, State.STARTING, policy=StartPolicy.SUPERVISED),
+            component("plc", "bus", None, State.STARTING, policy=StartPolicy.REQUIRED),
+        ]
+    )
+    body = ready_report(stats, now=NOW, cpi_failing_after=300)
+    assert body["problems"] == ["bus plc is starting"]
+    assert body["ready"] is False
+
+
+async def test_when_full_the_failed_logins_forget_ended_windows_first(server: Server) -> None:
+    api = server.api
+    now = trio.current_time()
+    for n in range(api_module.AUTH_CACHE_SIZE - 1):
+        api._count_peer_failure((f"10.0.{n // 256}.{n % 256}", "cpi"), now - api_module.PEER_WINDOW)
+    guessing = ("192.0.2.1", "cpi")
+    for _ in range(api_module.PEER_FAILURES):
+        api._count_peer_failure(guessing, now - 1)
+    api._count_peer_failure(("192.0.2.2", "cpi"), now)  # a new address, the table full
+    # The one still guessing keeps its count: refused without a password check.
+    assert api._peer_failures[guessing] == (now - 1, api_module.PEER_FAILURES)
+    assert len(api._peer_failures) == 2
+
+
 def test_a_device_is_down_when_its_bus_is() -> None:
     bus = component("plc", "bus", modbus_stats({"meter": device_stats()}), State.DOWN, "refused")
     body = ready_report(gateway_statistics([bus]), now=NOW, cpi_failing_after=300)
@@ -833,6 +923,18 @@ async def test_live_gives_the_device_plane_address_and_a_token(
     services.access = None
     r = await client.get("/api/v1/live")
     assert (r.status_code, error(r)["code"]) == (404, "no-device-plane")
+
+
+async def test_live_is_503_while_the_device_plane_is_configured_but_down(
+    client: httpx.AsyncClient, services: FakeServices
+) -> None:
+    services.live_down = True
+    r = await client.get("/api/v1/live")
+    assert (r.status_code, error(r)["code"]) == (503, "unavailable")
+    assert "not running now" in error(r)["message"]
+    services.live_down = False
+    services.access = LiveAccess(port=8443, tls=True, token="viewer-token-1")
+    assert (await client.get("/api/v1/live")).status_code == 200
 
 
 def test_request_host() -> None:

@@ -669,8 +669,8 @@ def _password_hash() -> str:
     return hash_password("a password for the test")
 
 
-def write(target: str, value: float, id: str | None = None) -> CommandRequest:
-    data = {"id": id or f"{target}={value}", "target": target, "value": value}
+def write(target: str, value: float) -> CommandRequest:
+    data = {"id": f"{target}={value}", "target": target, "value": value}
     return command_from_object(data, now=time.time(), limits=CommandLimits())
 
 
@@ -721,8 +721,9 @@ async def test_cpi_commands_go_to_the_router_running_now(
         await gw.route_cpi_commands([{"id": "from-cpi", "target": "modbus:a/d/sp", "value": 7}])
         router = gw.router()
         assert router is not None
-        # The same command under its id again: the first result, once it is there.
-        record = await router.execute(write("modbus:a/d/sp", 7, id="from-cpi"), Source_.API)
+        # from_cpi runs it in the router's own task: wait (in virtual time) for its record.
+        while (record := await router.get("from-cpi")) is None or not record.state.final:
+            await trio.sleep(0.01)
         assert record.state is CommandState.DONE
         assert record.source is Source_.CPI
         await gw.shutdown("test")

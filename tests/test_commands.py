@@ -21,11 +21,13 @@ import trio.testing
 from gateway.commands import (
     CommandLimits,
     CommandRouter,
+    CommandStoreError,
     command_from_object,
     error_xml,
     parse_command,
     record_json,
     record_xml,
+    records_xml,
 )
 from gateway.core.commands import (
     CommandRecord,
@@ -38,7 +40,6 @@ from gateway.core.commands import (
     Source,
     Unavailable,
 )
-from gateway.core.component import StartupError
 from gateway.core.reading import Value, iso_utc
 
 T0 = 1_800_000_000.0
@@ -255,7 +256,6 @@ DEEP = {"a": {"b": 1}}
         ),
         (modbus(timeout=True), 400, "invalid-field", "timeout: true is not a timeout"),
         (modbus(timeout="soon"), 400, "invalid-field", 'timeout: "soon" is not a duration'),
-        (modbus(timeout="400d"), 400, "invalid-field", 'timeout: "400d" is far too long'),
         (modbus(read_back="yes"), 400, "invalid-field", 'read_back: "yes" is not true or false'),
         (modbus(expires=1800000000), 400, "invalid-field", "expires: 1800000000 is not a time"),
         (modbus(expires="tomorrow"), 400, "invalid-field", "is not an ISO 8601 time"),
@@ -286,7 +286,18 @@ DEEP = {"a": {"b": 1}}
         (modbus(timeout=0), 422, "bad-timeout", "timeout: 0s: send at least 0.1s and at most 60s"),
         (modbus(timeout=1e-300), 422, "bad-timeout", "send at least 0.1s"),
         (modbus(timeout="2min"), 422, "bad-timeout", "timeout: 120s"),
+        # Beyond what parse_duration or a float takes: still a timeout, far above the limit.
+        (modbus(timeout="400d"), 422, "bad-timeout", '"400d" is far too long: at most 60s'),
+        (modbus(timeout=10**400), 422, "bad-timeout", "digits is far too long: at most 60s"),
+        (modbus(timeout="9" * 400 + "s"), 422, "bad-timeout", "is far too long: at most 60s"),
+        (modbus(timeout=-(10**400)), 400, "invalid-field", "digits is not a timeout"),
         (modbus(expires="2027-01-23T08:00:00Z"), 422, "bad-expires", "more than 7 days ahead"),
+        (
+            modbus(expires="9999-12-31T23:59:59-23:59"),  # year 10000 in UTC
+            422,
+            "bad-expires",
+            "expires: 10000-01-01T23:58:59.000Z is more than 7 days ahead",
+        ),
         ("a string", 400, "malformed", '"a string" is not a command'),
     ],
 )
@@ -373,6 +384,27 @@ def test_record_xml_shape() -> None:
     value = root.find("value")
     assert value is not None
     assert value.text is None  # null: an empty element
+
+
+def test_records_xml_is_each_record_xml_in_one_document(monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [
+        record(command_from_object(device(f"c-{n}", args={"text": "<hi>"}), now=T0, limits=LIMITS))
+        for n in range(3)
+    ]
+    expected = [ET.tostring(ET.fromstring(record_xml(r))) for r in records]
+
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("records_xml parses XML: it should build the elements once")
+
+    monkeypatch.setattr(ET, "fromstring", no_parsing)
+    monkeypatch.setattr(ET, "XML", no_parsing)
+    doc = records_xml(records)
+    monkeypatch.undo()
+    assert doc.startswith(b"<?xml version='1.0' encoding='utf-8'?>")
+    root = ET.fromstring(doc)
+    assert root.tag == "commands"
+    assert [ET.tostring(c) for c in root] == expected
+    assert ET.fromstring(records_xml([])).tag == "commands"
 
 
 def test_error_xml() -> None:
@@ -1128,7 +1160,7 @@ async def test_corrupt_file_is_moved_aside(
         assert await router.get("cpi-1") == rec
 
 
-async def test_unopenable_store_is_a_startup_error(
+async def test_unopenable_store_fails_the_run_with_what_to_do(
     tmp_path: Path, bus: FakeModbus, devices: FakeDevices
 ) -> None:
     other = tmp_path / "other.db"
@@ -1147,10 +1179,9 @@ async def test_unopenable_store_is_a_startup_error(
         cases.append((locked / "commands.sqlite3", "cannot"))
     for path, message in cases:
         router = CommandRouter(path, bus, lambda: devices, wall_clock=wall)
-        with pytest.raises(StartupError, match=message) as info:
+        # The router is supervised: its run fails with the reason and is tried again later.
+        with pytest.raises(CommandStoreError, match=message):
             await router.run()
-        assert info.value.exit_status == 78
-        assert str(info.value).startswith("commands: ")
 
 
 async def test_open_commands_are_bounded(db: Path, bus: FakeModbus, devices: FakeDevices) -> None:

@@ -16,7 +16,7 @@ from drivers.modbus.link import LinkStatistics
 from drivers.sim import SimBusStatistics
 from gateway import metrics
 from gateway.commands import CommandStatistics
-from gateway.core.component import Health, State
+from gateway.core.component import Health, StartPolicy, State
 from gateway.core.histogram import Histogram
 from gateway.deviceplane import DevicePlaneStatistics
 from gateway.forwarder import ForwarderStatistics
@@ -128,7 +128,13 @@ def component(
     *,
     restarts: int = 0,
     last_error: str | None = None,
+    policy: StartPolicy | None = None,
 ) -> SupervisedStatistics:
+    """``policy`` by default as the gateway starts that kind: required for the outbox, the
+    device plane and the API."""
+    if policy is None:
+        required = kind in ("outbox", "device plane", "api")
+        policy = StartPolicy.REQUIRED if required else StartPolicy.SUPERVISED
     return SupervisedStatistics(
         name=name,
         kind=kind,
@@ -137,6 +143,7 @@ def component(
         total_failures=restarts,
         restarts=restarts,
         part=part,
+        policy=policy,
     )
 
 
@@ -288,21 +295,12 @@ def test_a_minimal_gateway_has_no_series_of_parts_it_lacks() -> None:
     assert "edge_gateway_bus_polls_total" not in names  # a bus between attempts
 
 
-def test_forwarder_statistics_without_the_new_fields() -> None:
-    """Until every forwarder has ``responses`` / ``request_seconds``, their absence is no
-    error: the series are simply empty."""
-
+def test_a_cpi_part_without_forwarder_statistics_has_no_cpi_series() -> None:
     @attrs.frozen
-    class OldForwarderStatistics:
+    class OtherStatistics:
         readings_delivered: int = 1
 
-    forwarder = forwarder_stats()
-    old = attrs.evolve(forwarder, responses={})
-    samples = parse(metrics.render(gateway_statistics([component("cpi", "cpi", old)])))
-    assert samples["edge_gateway_cpi_requests"] == []
-    assert value(samples, "edge_gateway_cpi_readings_delivered_total") == 4000
-    # Not a ForwarderStatistics at all: no CPI series, no crash.
-    other = gateway_statistics([component("cpi", "cpi", OldForwarderStatistics())])
+    other = gateway_statistics([component("cpi", "cpi", OtherStatistics())])
     assert "edge_gateway_cpi_requests" not in parse(metrics.render(other))
 
 

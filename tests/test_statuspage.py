@@ -237,6 +237,8 @@ class StandIn:
         ca.issue_cert("127.0.0.1").configure_cert(context)
         self.status = canned_status()
         self.live = True
+        self.live_down = False
+        """``/api/v1/live`` answers 503: the device plane configured, not running now."""
         self.tokens: list[str] = []
         self.status_requests = 0
         self.unauthorised = 0
@@ -323,6 +325,16 @@ class StandIn:
                         # to have been rendered.
                         body = {**standin.status, "wss_clients": standin.status_requests}
                     self.json(200, body)
+                elif self.path == "/api/v1/live" and standin.live_down:
+                    self.json(
+                        503,
+                        {
+                            "error": {
+                                "code": "unavailable",
+                                "message": "the device plane is not running now (see /readyz)",
+                            }
+                        },
+                    )
                 elif self.path == "/api/v1/live" and standin.live:
                     with standin._lock:
                         token = f"viewer-token-{len(standin.tokens) + 1}"
@@ -535,19 +547,79 @@ def test_stand_in_without_device_plane_polls_the_status(browser: Browser, standi
     page.close()
 
 
+def test_stand_in_live_feed_down_for_now_is_tried_again(browser: Browser, standin: StandIn) -> None:
+    # A device plane configured but not running (restarting, or the gateway stopping): 503,
+    # and the page tries again with its backoff (after a 404 it would stop asking).
+    standin.live_down = True
+    page = browser.new_page(credentials=(USER, PASSWORD))
+    page.navigate(standin.url)
+    notice = page.wait_for(
+        "document.getElementById('live-state').textContent.startsWith('Live feed: reconnecting in')"
+        " && document.getElementById('live-notice').textContent",
+        describe=SHOWN,
+    )
+    assert "not running now" in notice
+    assert "readings come from the status every 2 s" in notice
+    polls_rendered(page, 1)
+    standin.live_down = False
+    peer = standin.peers.get(timeout=TIMEOUT)
+    assert peer.receive() == {"type": "subscribe", "topics": ["#"], "last": True}
+    page.wait_for(
+        "document.getElementById('live-state').textContent === 'Live feed: connected'",
+        describe=SHOWN,
+    )
+    problems = page.problems()
+    assert all("503" in p and "/api/v1/live" in p for p in problems), problems
+    page.close()
+
+
+def test_stand_in_live_topics_beyond_500_are_left_out(browser: Browser, standin: StandIn) -> None:
+    page = browser.new_page(credentials=(USER, PASSWORD))
+    page.navigate(standin.url)
+    peer = standin.peers.get(timeout=TIMEOUT)
+    assert peer.receive()["type"] == "subscribe"
+    polls_rendered(page, 1)  # the status's 5 topics
+    peer.send(
+        {
+            "type": "readings",
+            "readings": [
+                {"topic": f"devices/many/t{n:04d}", "value": n, "quality": "good", "ts": iso(0)}
+                for n in range(600)
+            ],
+        }
+    )
+    count = page.wait_for(
+        "document.getElementById('readings-count').textContent.includes('left out')"
+        " && document.getElementById('readings-count').textContent",
+        describe=SHOWN,
+    )
+    assert count == "500 topics (the first 500 shown; more are left out)"
+    assert page.evaluate("document.querySelectorAll('#readings tr[data-topic]').length") == 500
+    # The topics already shown go on updating.
+    peer.send({"type": "readings", "readings": [{"topic": "devices/many/t0000", "value": 42, "quality": "good", "ts": iso(-1)}]})  # fmt: skip
+    page.wait_for(
+        "document.querySelector('#readings tr[data-topic=\"devices/many/t0000\"] td.value')"
+        ".textContent === '42'",
+        describe=SHOWN,
+    )
+    assert page.problems() == []
+    page.close()
+
+
 def test_stand_in_polls_only_while_the_tab_is_shown(browser: Browser, standin: StandIn) -> None:
     page = browser.new_page(credentials=(USER, PASSWORD))
     page.navigate(standin.url)
     polls_rendered(page, 1)
-    # Just after a poll was shown, so the next is 2 s away: another tab in front hides this
-    # one (headless Chromium has one window).
-    polled = standin.status_requests
+    # Another tab in front hides this one (headless Chromium has one window).
     other = browser.new_page()
     page.wait_for(
         "document.hidden && document.getElementById('updated').textContent"
         ".includes('paused while the tab is hidden')",
         describe=SHOWN,
     )
+    # Counted once hidden: a poll that was on its way as the tab went is not one of those
+    # that must not come.
+    polled = standin.status_requests
     # A poll interval and a bit, by the browser's clock, in the tab in front.
     other.evaluate("new Promise(resolve => setTimeout(resolve, 2500))")
     assert standin.status_requests == polled
