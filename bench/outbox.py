@@ -48,7 +48,6 @@ from bench import profiling
 from bench.peers import pin
 from bench.timing import table
 from bench.wss_servers import READY_TIMEOUT, Certs, certificates
-from gateway.core.batches import Batch
 from gateway.core.configtypes import Secret
 from gateway.core.reading import Reading
 from gateway.cpistandin import CpiStandIn, serve_standin
@@ -102,18 +101,6 @@ def quiet() -> None:
 # ---- the CPI stand-in, in its own process ---------------------------------------------------
 
 
-class _LeanStandIn(CpiStandIn):
-    """The stand-in, keeping each batch's sequence numbers but not its body (a million
-    readings' bodies would only cost memory here)."""
-
-    def _record(self, headers: dict[str, str], body: bytes) -> None:
-        super()._record(headers, body)
-        message_id = headers.get("x-message-id", "")
-        kept = self.batches.get(message_id)
-        if kept is not None and kept.body:
-            self.batches[message_id] = attrs.evolve(kept, body=b"")
-
-
 def _standin_stats(app: CpiStandIn) -> dict[str, Any]:
     seqs = app.seqs()
     return {
@@ -128,8 +115,15 @@ def _standin_stats(app: CpiStandIn) -> dict[str, Any]:
 
 
 async def _standin(conn: Connection, certs: Certs) -> None:
-    app = _LeanStandIn(
-        path=PATH, auth="basic", client_id=CLIENT_ID, client_secret=CLIENT_SECRET, csrf=CSRF
+    # Each batch's sequence numbers are kept, not its body (a million readings' bodies would
+    # only cost memory here).
+    app = CpiStandIn(
+        path=PATH,
+        auth="basic",
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        csrf=CSRF,
+        keep_bodies=False,
     )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
@@ -195,31 +189,6 @@ def standin_process(certs: Certs) -> Iterator[StandIn]:
 # ---- drain: ours ----------------------------------------------------------------------------
 
 
-class _Watched:
-    """The outbox as the forwarder's ``BatchSource``, telling the benchmark when it is empty."""
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self.empty = trio.Event()
-
-    async def wait_pending(self) -> None:
-        await self.outbox.wait_pending()
-
-    async def next_batch(self, max_readings: int, max_bytes: int) -> Batch | None:
-        return await self.outbox.next_batch(max_readings, max_bytes)
-
-    async def confirm(self, batch: Batch) -> None:
-        await self.outbox.confirm(batch)
-        if self.outbox.statistics().backlog_readings == 0:
-            self.empty.set()
-
-    async def split(self, batch: Batch) -> None:
-        await self.outbox.split(batch)
-
-    async def dead_letter(self, batch: Batch, status: int | None, excerpt: str) -> None:
-        await self.outbox.dead_letter(batch, status, excerpt)
-
-
 @attrs.frozen
 class Drained:
     readings: int
@@ -257,13 +226,20 @@ async def fill(outbox: Outbox, count: int) -> float:
 async def drain_ours(directory: Path, count: int, standin: StandIn, certs: Certs) -> Drained:
     async with await Outbox.open(directory / "drain.sqlite3") as outbox:
         fill_seconds = await fill(outbox, count)
-        source = _Watched(outbox)
-        forwarder = Forwarder(cpi_section(standin.port, certs), source, gateway=GATEWAY)
+        empty = trio.Event()
+
+        def progress() -> None:  # after each batch the forwarder handled
+            if outbox.statistics().backlog_readings == 0:
+                empty.set()
+
+        forwarder = Forwarder(
+            cpi_section(standin.port, certs), outbox, gateway=GATEWAY, progress=progress
+        )
         async with trio.open_nursery() as nursery:
             cpu = time.process_time()
             started = time.perf_counter()
             nursery.start_soon(forwarder.run)
-            await source.empty.wait()
+            await empty.wait()
             seconds = time.perf_counter() - started
             cpu_seconds = time.process_time() - cpu
             nursery.cancel_scope.cancel()

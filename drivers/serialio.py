@@ -18,7 +18,6 @@ import os
 import termios
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import TracebackType
 from typing import Any, Literal
 
 import attrs
@@ -165,7 +164,7 @@ def _open_blocking(settings: PortSettings) -> Any:
     return port
 
 
-class SerialPort:
+class SerialPort(trio.abc.AsyncResource):
     """An open serial port. One task may receive and one other task may send at a time.
 
     Use ``async with await SerialPort.open(settings) as port:`` or call ``aclose()``.
@@ -306,17 +305,6 @@ class SerialPort:
             except OSError as e:  # the fd is released anyway; nothing left to do
                 log.debug("error closing port", extra=kv(port=self.settings.path, error=e))
         await trio.lowlevel.checkpoint()
-
-    async def __aenter__(self) -> SerialPort:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def statistics(self) -> dict[str, object]:
         return {

@@ -168,19 +168,24 @@ class OutboxPart:
         self._losing_until = -math.inf
 
     def condition(self) -> Condition:
-        """Degraded while readings are being lost (the hub's buffer overflowing, or a full
-        outbox), and for ``LOSS_SHOWN`` seconds after: the STATUS line must not say all is
-        well while data is discarded."""
+        """Degraded while readings are being lost (the hub's buffer overflowing, a full
+        outbox, writes failing), and for ``LOSS_SHOWN`` seconds after: the STATUS line must
+        not say all is well while data is discarded."""
         if self.outbox is None:
             return Condition(State.STARTING)
         stats = self.outbox.statistics()
-        lost = stats.dropped_hub + stats.dropped_full + stats.rejected
+        lost = stats.dropped_hub + stats.dropped_full + stats.rejected + stats.write_failed
         now = trio.current_time()
         if lost > self._lost_seen:
             self._lost_seen = lost
             self._losing_until = now + LOSS_SHOWN
         if now < self._losing_until:
-            why = "full" if stats.dropped_full or stats.rejected else "disk too slow"
+            if stats.write_failed:
+                why = "writes failing"
+            elif stats.dropped_full or stats.rejected:
+                why = "full"
+            else:
+                why = "disk too slow"
             return Condition(State.DEGRADED, f"losing readings ({why}; {lost} so far)")
         return UP
 

@@ -10,10 +10,16 @@ Behaves as ``FACTS.md`` documents the CPI runtime, for the forwarder's tests and
   a new session cookie; a POST without both, or with a token of another session: 403.
 - Scripted faults (``faults``: a queue applied to the next POSTs that pass auth and CSRF):
   any status with headers and body (429 with ``Retry-After``, 500, 503...), a connection
-  dropped mid-response, a response slower than the client's deadline.
+  dropped mid-response, a response slower than the client's deadline. ``token_faults``: status
+  answers for the next token requests (a token endpoint answering nonsense).
 - ``max_body``: larger bodies get 413 (or a 500 saying so, as some tenants do).
 - An idempotent process call: batches are recorded once per ``X-Message-ID``; repeats are
-  counted as duplicates. Each new batch is printed as one line when ``echo`` is set.
+  counted as duplicates. Each new batch is printed as one line when ``echo`` is set, and
+  handed to ``on_batch``.
+- What it keeps: by default every batch (with its body) and every request, for tests to
+  assert on. A long run (the demo) sets ``keep_bodies = False`` and ``history``: then only
+  the last ``history`` batches and requests are kept (a repeat of a forgotten batch is
+  recorded again), without their bodies.
 
 Served by hypercorn's Trio worker (the project's HTTP server) with a small ASGI app.
 Imports nothing from the gateway (it plays the other side): hypercorn, attrs and trio only.
@@ -105,9 +111,17 @@ class CpiStandIn:
     commands: list[object] = attrs.field(factory=list)
     """Handed out once in the next 2xx response (``{"commands": [...]}``)."""
     faults: collections.deque[Fault] = attrs.field(factory=collections.deque)
+    token_faults: collections.deque[Fault] = attrs.field(factory=collections.deque)
+    """Status answers (``Fault.respond``) for the next token requests, before any check."""
+    keep_bodies: bool = True
+    """False: batches are recorded with an empty ``body`` (their seqs and size are kept)."""
+    history: int | None = None
+    """Keep only the last this many batches and requests (None: all)."""
+    on_batch: Callable[[ReceivedBatch], None] | None = None
+    """Called with each new batch (with its body, whatever ``keep_bodies`` says)."""
     batches: dict[str, ReceivedBatch] = attrs.field(factory=dict)
     duplicates: int = 0
-    requests: list[Request] = attrs.field(factory=list)
+    requests: collections.deque[Request] = attrs.field(factory=collections.deque)
     tokens: dict[str, float] = attrs.field(factory=dict)
     """Issued access tokens and when they expire."""
     sessions: dict[str, str] = attrs.field(factory=dict)
@@ -158,7 +172,7 @@ class CpiStandIn:
         status, out_headers, out = await self._handle(method, path, headers, bytes(body), send)
         if status == 0:  # already answered (or dropped) by a fault
             return
-        self.requests.append(Request(method, path, status))
+        self._note(Request(method, path, status))
         await send(
             {
                 "type": "http.response.start",
@@ -173,6 +187,9 @@ class CpiStandIn:
         self, method: str, path: str, headers: dict[str, str], body: bytes, send: Send
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         if path == "/oauth/token" and method == "POST":
+            if self.token_faults:
+                fault = self.token_faults.popleft()
+                return fault.status, list(fault.headers), fault.body
             return self._token(headers, body)
         if path.lower() != self.path.lower():
             return 404, [], b"Not Found"
@@ -194,7 +211,7 @@ class CpiStandIn:
             if fault.kind == "status":
                 return fault.status, list(fault.headers), fault.body
             if fault.kind == "reset":
-                self.requests.append(Request(method, path, 0))
+                self._note(Request(method, path, 0))
                 await send(
                     {
                         "type": "http.response.start",
@@ -215,6 +232,12 @@ class CpiStandIn:
         self.commands = []
         mpl = "AG" + secrets.token_hex(14)
         return 200, [("sap_messageprocessinglogid", mpl)], answer
+
+    def _note(self, request: Request) -> None:
+        self.requests.append(request)
+        if self.history is not None:
+            while len(self.requests) > self.history:
+                self.requests.popleft()
 
     def _token(
         self, headers: dict[str, str], body: bytes
@@ -255,7 +278,13 @@ class CpiStandIn:
             return
         content_type = headers.get("content-type", "")
         seqs = _seqs(content_type, body)
-        self.batches[message_id] = ReceivedBatch(message_id, content_type, body, seqs)
+        batch = ReceivedBatch(message_id, content_type, body, seqs)
+        self.batches[message_id] = batch if self.keep_bodies else attrs.evolve(batch, body=b"")
+        if self.history is not None:
+            while len(self.batches) > self.history:
+                del self.batches[next(iter(self.batches))]
+        if self.on_batch is not None:
+            self.on_batch(batch)
         self.received.set()
         self.received = trio.Event()
         if self.echo:

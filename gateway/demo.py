@@ -26,7 +26,7 @@ from gateway.api import hash_password
 from gateway.app import Extra
 from gateway.config import Config, parse_config
 from gateway.core.reading import Value
-from gateway.cpistandin import CpiStandIn, serve_standin
+from gateway.cpistandin import CpiStandIn, ReceivedBatch, serve_standin
 from gateway.deviceauth import generate_token, hash_token
 from gateway.hub import Hub, OverflowPolicy
 
@@ -125,6 +125,8 @@ password_scrypt = "{password_scrypt}"
 role = "operator"
 """
 CPI_CLIENT_ID = "sb-edge-gateway-demo"
+STANDIN_HISTORY = 1000
+"""Batches and requests the demo's CPI stand-in remembers (for its dedupe by message id)."""
 WSS_PORT = 8443
 API_PORT = 9443
 API_USER = "demo"
@@ -264,12 +266,27 @@ def demo_api(cert: Path, key: Path, avoid: int) -> DemoApi:
 
 def cpi_standin(cpi: DemoCpi, key: Path) -> Extra:
     """The CPI stand-in as a demo task: serves HTTPS on ``cpi.port`` with the demo's
-    certificate, checks Basic credentials and CSRF as CPI does, and logs each batch."""
+    certificate, checks Basic credentials and CSRF as CPI does, and logs each batch. It keeps
+    no bodies and only the last ``STANDIN_HISTORY`` batches: the demo may run for days."""
+
+    def logged(batch: ReceivedBatch) -> None:
+        span = f"seq {batch.seqs[0]}..{batch.seqs[-1]}" if batch.seqs else "no seq"
+        log.info(
+            "CPI stand-in received batch %s: %d readings (%s), %d bytes",
+            batch.message_id,
+            len(batch.seqs),
+            span,
+            len(batch.body),
+        )
+
     app = CpiStandIn(
         auth="basic",
         client_id=CPI_CLIENT_ID,
         client_secret=cpi.secret_file.read_text().strip(),
         csrf=True,
+        keep_bodies=False,
+        history=STANDIN_HISTORY,
+        on_batch=logged,
     )
 
     async def run(hub: Hub, *, task_status: trio.TaskStatus[None]) -> None:
@@ -280,20 +297,6 @@ def cpi_standin(cpi: DemoCpi, key: Path) -> Extra:
                 )
             )
             task_status.started()
-            seen = 0
-            while True:
-                received = app.received
-                await received.wait()
-                for batch in list(app.batches.values())[seen:]:
-                    span = f"seq {batch.seqs[0]}..{batch.seqs[-1]}" if batch.seqs else "no seq"
-                    log.info(
-                        "CPI stand-in received batch %s: %d readings (%s), %d bytes",
-                        batch.message_id,
-                        len(batch.seqs),
-                        span,
-                        len(batch.body),
-                    )
-                seen = len(app.batches)
 
     return run
 

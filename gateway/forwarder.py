@@ -61,6 +61,11 @@ MAX_RETRY_AFTER = 3600.0
 gateway for days."""
 EXCERPT = 300
 """Characters of a refused response's body kept with a dead letter and in the log line."""
+MAX_ANSWER_BYTES = 1024**2
+"""The most of one answer that is read (token, CSRF fetch, a batch's answer): the rest is left
+unread. A 2xx answer longer than this still confirms its batch; commands in it are ignored."""
+MAX_COMMANDS = 1000
+"""Commands taken from one answer; any beyond are ignored (with one warning)."""
 
 _XML_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 # XML 1.0 forbids these code points even escaped; a reading's text must not break the document.
@@ -303,15 +308,15 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() too, but float() refuses it
         return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
+    except (TypeError, ValueError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
 
 
 def retry_delay(
@@ -359,6 +364,17 @@ class DeliveryError(Exception):
         self.reason = reason
         self.retry_after = retry_after
         self.auth = auth
+
+
+@attrs.frozen
+class Answer:
+    """What CPI answered: at most ``MAX_ANSWER_BYTES`` of the body (``complete`` says whether
+    that was all of it)."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    complete: bool = True
 
 
 CommandRouter = Callable[[Sequence[object]], Awaitable[None]]
@@ -551,9 +567,14 @@ class Forwarder:
         if mpl:  # CPI's message processing log: lets an operator find this call in CPI
             context["mpl"] = mpl
         if verdict is Verdict.DELIVERED:
+            # Commands first: the router only parses them and starts them in the background
+            # (it never raises for bad input), so nothing waits here. Confirming waits for
+            # the outbox's worker; a cancel there (a restart) would otherwise lose them.
+            # Cancelled before the confirm, the batch is sent again and the router drops
+            # commands it already has (by id).
+            await self._route_commands(response, bid)
             await self.source.confirm(batch)
             self._delivered(batch, response, context)
-            await self._route_commands(response, bid)
             return 0.0
         if verdict is Verdict.TOO_LARGE and len(batch.readings) > 1:
             log.warning(
@@ -582,9 +603,7 @@ class Forwarder:
             f"{status}", context, retry_after=retry_after, auth=verdict is Verdict.AUTH
         )
 
-    def _delivered(
-        self, batch: Batch, response: httpx.Response, context: dict[str, object]
-    ) -> None:
+    def _delivered(self, batch: Batch, response: Answer, context: dict[str, object]) -> None:
         self._batches += 1
         self._readings += len(batch.readings)
         self._last_success = self._wall_clock()
@@ -631,8 +650,16 @@ class Forwarder:
             )
         return delay
 
-    async def _route_commands(self, response: httpx.Response, bid: str) -> None:
+    async def _route_commands(self, response: Answer, bid: str) -> None:
         if not response.content.strip().startswith(b"{"):
+            return
+        if not response.complete:
+            log.warning(
+                "CPI's answer is longer than %d bytes and was not read to its end: commands "
+                "in it are ignored (the batch counts as delivered)",
+                MAX_ANSWER_BYTES,
+                extra=kv(batch=bid),
+            )
             return
         try:
             data = json.loads(response.content)
@@ -644,11 +671,19 @@ class Forwarder:
             return
         commands = data.get("commands") if isinstance(data, dict) else None
         if isinstance(commands, list) and commands:
+            if len(commands) > MAX_COMMANDS:
+                log.warning(
+                    "CPI's answer holds %d commands: the first %d are taken, the rest ignored",
+                    len(commands),
+                    MAX_COMMANDS,
+                    extra=kv(batch=bid),
+                )
+                commands = commands[:MAX_COMMANDS]
             await self.command_router(commands)
 
     # ---- HTTP -------------------------------------------------------------------------------
 
-    async def _post(self, body: bytes, content_type: str, bid: str) -> httpx.Response:
+    async def _post(self, body: bytes, content_type: str, bid: str) -> Answer:
         """POST with auth and CSRF; a 401 renews the token once, a 403 the CSRF token once."""
         renewed_token = renewed_csrf = False
         while True:
@@ -676,17 +711,30 @@ class Forwarder:
                 continue
             return response
 
-    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+    async def _request(self, method: str, url: str, **kwargs: object) -> Answer:
+        """One request; its answer read up to ``MAX_ANSWER_BYTES`` (leaving the rest unread
+        closes the connection instead of returning it to the pool)."""
         self._requests += 1
         try:
             with trio.fail_after(self.section.timeout):
-                return await self._client.request(method, url, **kwargs)  # type: ignore[arg-type]
+                async with self._client.stream(method, url, **kwargs) as response:  # type: ignore[arg-type]
+                    content = bytearray()
+                    complete = True
+                    async for chunk in response.aiter_bytes():
+                        content += chunk
+                        if len(content) > MAX_ANSWER_BYTES:
+                            del content[MAX_ANSWER_BYTES:]
+                            complete = False
+                            break
+                    return Answer(response.status_code, response.headers, bytes(content), complete)
         except trio.TooSlowError:
             raise DeliveryError(f"timeout after {format_duration(self.section.timeout)}") from None
         except httpx.TimeoutException as e:
             raise DeliveryError(f"timeout ({type(e).__name__})") from None
         except httpx.TransportError as e:
             raise DeliveryError(f"connection failed ({type(e).__name__}: {e})") from None
+        except httpx.DecodingError as e:  # a Content-Encoding that does not decode
+            raise DeliveryError(f"answer cannot be decoded ({e})") from None
 
     async def _auth_headers(self) -> dict[str, str]:
         s = self.section
@@ -721,17 +769,24 @@ class Forwarder:
             retry_after = parse_retry_after(response.headers.get("retry-after"), self._wall_clock())
             raise DeliveryError(f"token {response.status_code}", retry_after=retry_after)
         try:
-            data = response.json()
+            data = json.loads(response.content)
             token = data["access_token"]
-            expires_in = float(data.get("expires_in", 3600))
             if not isinstance(token, str) or not token:
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise DeliveryError("token response without access_token") from None
+        try:
+            # A 400-digit number overflows float(); NaN or inf would make renew_at useless.
+            expires_in = float(data.get("expires_in", 3600))
+        except (ValueError, TypeError, OverflowError):
+            expires_in = math.nan
+        if not (math.isfinite(expires_in) and expires_in > 0):
+            # Not quoted: the answer holds the token.
+            raise DeliveryError("token response with an unusable expires_in")
         self._token.store(token, expires_in, self._clock())
         return token
 
-    async def _fetch_csrf(self) -> httpx.Response | None:
+    async def _fetch_csrf(self) -> Answer | None:
         """Fetch a CSRF token (and its session cookie, kept by the client). A refusal for good
         (404: wrong address) is returned, to be handled as the POST's answer would be."""
         self._csrf_fetches += 1

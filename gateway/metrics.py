@@ -217,6 +217,7 @@ def _outbox(outboxes: list[OutboxStatistics]) -> Iterator[Metric]:
     dropped.add_metric(["hub"], o.dropped_hub)
     dropped.add_metric(["full"], o.dropped_full)
     dropped.add_metric(["rejected"], o.rejected)
+    dropped.add_metric(["write-failed"], o.write_failed)
     yield dropped
 
 

@@ -46,9 +46,8 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 import attrs
@@ -76,6 +75,13 @@ HUB_OVERFLOW = "hub buffer overflow: the disk was too slow"
 OUTBOX_FULL_OLDEST = "outbox full (max_bytes): oldest readings dropped"
 OUTBOX_FULL_NEW = "outbox full (max_bytes): new readings dropped"
 OUTBOX_FULL_REJECTED = "outbox full (max_bytes, policy reject): new readings refused"
+OUTBOX_WRITE_FAILED = "outbox write failed"
+
+WRITE_RETRY_INITIAL = 1.0
+WRITE_RETRY_MAX = 30.0
+"""After a failed write (disk full, I/O error) the feed waits this long before the next one,
+doubling from the initial to the maximum; readings arriving meanwhile wait in the hub's
+buffer (beyond it: dropped, counted as a hub overflow)."""
 
 Policy = Literal["drop-oldest", "reject"]
 Synchronous = Literal["full", "normal"]
@@ -199,6 +205,8 @@ class OutboxStatistics:
     """Readings refused because of ``max_bytes`` (``reject``)."""
     file_bytes: int
     """Database plus WAL file."""
+    write_failed: int = 0
+    """Readings taken from the hub that could not be written (disk full, I/O error)."""
 
 
 # ---- the store (synchronous; runs on the worker thread) -------------------------------------
@@ -397,11 +405,12 @@ class _Store:
     # -- writing
 
     def append(
-        self, readings: Sequence[Reading], lost: int = 0, lost_reason: str = HUB_OVERFLOW
+        self, readings: Sequence[Reading], losses: Sequence[tuple[int, str]] = ()
     ) -> tuple[int, int] | None:
-        """Store ``readings`` in one transaction (and a gap of ``lost`` readings before
-        them); the seq range stored, None if none was. Raises ``OutboxFull`` (policy
-        ``reject``) without storing anything but the gap."""
+        """Store ``readings`` in one transaction, with a gap for each ``(count, reason)`` of
+        ``losses`` (readings lost before them); the seq range stored, None if none was.
+        Raises ``OutboxFull`` (policy ``reject``): then the same transaction stores the gaps
+        and one for the refused readings, and nothing else."""
         self.check_external()
         rows = [
             (r.topic, (r if r.seq is None else attrs.evolve(r, seq=None)).encoded())
@@ -409,17 +418,23 @@ class _Store:
         ]
         sizes = [len(t) + len(p) + ROW_OVERHEAD for t, p in rows]
         over = self.used_bytes + sum(sizes) - self.max_bytes
+
+        def add_losses() -> None:
+            for count, reason in losses:
+                self._add_gap(self.next_seq - 1, count, reason, seqs_lost=False)
+
         if over > 0 and self.policy == "reject":
-            if lost:
-                self._transaction(
-                    lambda: self._add_gap(self.next_seq - 1, lost, lost_reason, seqs_lost=False)
-                )
+
+            def refuse() -> None:
+                add_losses()
+                self._add_gap(self.next_seq - 1, len(rows), OUTBOX_FULL_REJECTED, seqs_lost=False)
+
+            self._transaction(refuse)
             raise OutboxFull(len(rows), self.max_bytes)
 
         def work() -> tuple[int, int] | None:
             nonlocal rows, sizes, over
-            if lost:
-                self._add_gap(self.next_seq - 1, lost, lost_reason, seqs_lost=False)
+            add_losses()
             if over > 0:
                 over -= self._drop_oldest(over)
             if over > 0:
@@ -492,9 +507,6 @@ class _Store:
             self.dropped_full += dropped
             self._update_oldest()
         return freed
-
-    def add_gap(self, count: int, reason: str) -> None:
-        self._transaction(lambda: self._add_gap(self.next_seq - 1, count, reason, seqs_lost=False))
 
     # -- batches
 
@@ -700,7 +712,7 @@ class _Store:
 # ---- the outbox as the daemon uses it -------------------------------------------------------
 
 
-class Outbox:
+class Outbox(trio.abc.AsyncResource):
     """The store, used from Trio: every method that touches the database runs on the worker
     thread (one at a time) and is a checkpoint. Implements ``BatchSource``.
 
@@ -716,6 +728,7 @@ class Outbox:
         self._closed = False
         self.dropped_hub = 0
         self.rejected = 0
+        self.write_failed = 0
 
     @classmethod
     async def open(cls, path: str | Path, section: OutboxSection | None = None) -> Outbox:
@@ -760,31 +773,31 @@ class Outbox:
                 await self._run(self._store.close)
             self._closed = True
 
-    close = aclose
-
-    async def __aenter__(self) -> Outbox:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     # -- writing
 
     async def append(
-        self, readings: Sequence[Reading], *, lost: int = 0, lost_reason: str = HUB_OVERFLOW
+        self,
+        readings: Sequence[Reading],
+        *,
+        lost: int = 0,
+        lost_reason: str = HUB_OVERFLOW,
+        lost_before: Mapping[str, int] | None = None,
     ) -> tuple[int, int] | None:
         """Commit ``readings`` in one transaction; the seq range stored (None if nothing was).
-        ``lost`` readings dropped before these are recorded as a gap in the same transaction.
-        Raises ``OutboxFull`` when the policy is ``reject`` and ``max_bytes`` is reached."""
-        if not readings and not lost:
+        ``lost`` readings dropped before these are recorded as a gap in the same transaction,
+        after the gaps of ``lost_before`` (reason -> count). Raises ``OutboxFull`` (counted in
+        ``rejected``) when the policy is ``reject`` and ``max_bytes`` is reached: then the
+        same transaction records the refused readings, and the lost ones, as gaps."""
+        losses = [(count, reason) for reason, count in (lost_before or {}).items()]
+        losses.append((lost, lost_reason))
+        if not readings and not any(count for count, _ in losses):
             await trio.lowlevel.checkpoint()
             return None
-        result = await self._run(self._store.append, readings, lost, lost_reason)
+        try:
+            result = await self._run(self._store.append, readings, losses)
+        except OutboxFull as e:
+            self.rejected += e.count
+            raise
         if result is not None:
             self._stored.set()
         return result
@@ -799,41 +812,77 @@ class Outbox:
         """Commit what ``subscription`` delivers: at once when idle, else grouped into one
         transaction per ``commit_interval`` (or ``commit_readings``). Readings the hub dropped
         (its buffer is the one between hub and disk) are recorded as a gap and logged once
-        per episode; readings refused by a full outbox (``reject``) likewise. Returns when the
-        subscription is closed, after committing what it took; on cancellation commits what
-        it took, shielded."""
+        per episode; readings refused by a full outbox (``reject``) likewise. A write that
+        fails (disk full, I/O error) loses the readings it held: they are counted
+        (``write_failed``), logged once per episode and recorded as a gap by the next write
+        that works, tried after a backoff. Returns when the subscription is closed, after
+        committing what it took; on cancellation commits what it took, shielded."""
         section = self.section
         pending: list[Reading] = []
         lost = 0
+        # Losses already counted (and told to the watermark) that wait for a write to record
+        # them as gaps: reason -> count.
+        unrecorded: dict[str, int] = {}
         last_commit = -math.inf
         overflowing = False
         last_drop = -math.inf
         rejecting = False
+        failing = False
+        retry_in = WRITE_RETRY_INITIAL
+
+        def not_stored(dropped: int, readings: int) -> None:
+            if watermark is not None:  # the oldest were dropped by the hub, then these
+                watermark.advance(dropped, stored=False)
+                watermark.advance(readings, stored=False)
+            self.dropped_hub += dropped
 
         async def commit() -> None:
             # ``pending`` is cleared only once stored or refused: cancelled while waiting for
             # the worker, nothing was written and the shielded final commit takes it.
-            nonlocal pending, lost, overflowing, rejecting, last_drop
-            readings, dropped = pending, lost
+            nonlocal pending, lost, unrecorded, overflowing, rejecting, last_drop, failing
+            readings, dropped, earlier = pending, lost, unrecorded
             try:
-                await self.append(readings, lost=dropped)
+                await self.append(readings, lost=dropped, lost_before=earlier)
             except OutboxFull as e:
-                pending, lost = [], 0
-                if watermark is not None:  # the oldest were dropped by the hub, then these
-                    watermark.advance(dropped, stored=False)
-                    watermark.advance(len(readings), stored=False)
-                self.dropped_hub += dropped
-                self.rejected += e.count
+                # The refused readings and the losses before them are gaps already.
+                pending, lost, unrecorded = [], 0, {}
+                not_stored(dropped, len(readings))
                 if not rejecting:
                     log.error("%s", e, extra=kv(policy=section.policy))
                 rejecting = True
-                await self._run(self._store.add_gap, e.count, OUTBOX_FULL_REJECTED)
                 return
-            pending, lost = [], 0
+            except OutboxError as e:
+                if self._closed:
+                    raise
+                pending, lost = [], 0
+                unrecorded = dict(earlier)
+                for reason, count in (
+                    (HUB_OVERFLOW, dropped),
+                    (OUTBOX_WRITE_FAILED, len(readings)),
+                ):
+                    if count:
+                        unrecorded[reason] = unrecorded.get(reason, 0) + count
+                not_stored(dropped, len(readings))
+                self.write_failed += len(readings)
+                if not failing:
+                    log.error(
+                        "outbox: cannot write to the database: the readings it was to store "
+                        "are lost (reported to CPI as a gap once writing works again); free "
+                        "disk space or check the storage",
+                        extra=kv(error=e, lost=len(readings), retry_in=f"{retry_in:g}s"),
+                    )
+                failing = True
+                return
+            pending, lost, unrecorded = [], 0, {}
             if watermark is not None:
                 watermark.advance(dropped, stored=False)
                 watermark.advance(len(readings))
             self.dropped_hub += dropped
+            if failing:
+                log.warning(
+                    "outbox: writing to the database works again", extra=kv(lost=self.write_failed)
+                )
+                failing = False
             if rejecting:
                 log.warning("outbox: storing readings again", extra=kv(refused=self.rejected))
                 rejecting = False
@@ -872,8 +921,13 @@ class Outbox:
                         lost += delivery.dropped
                 last_commit = trio.current_time()
                 await commit()
+                if failing:  # the hub's buffer holds what arrives meanwhile
+                    await trio.sleep(retry_in)
+                    retry_in = min(retry_in * 2, WRITE_RETRY_MAX)
+                else:
+                    retry_in = WRITE_RETRY_INITIAL
         finally:
-            if pending or lost:
+            if pending or lost or unrecorded:
                 with trio.CancelScope(shield=True):
                     await commit()
 
@@ -909,7 +963,12 @@ class Outbox:
         )
 
     def statistics(self) -> OutboxStatistics:
-        return attrs.evolve(self._counters, dropped_hub=self.dropped_hub, rejected=self.rejected)
+        return attrs.evolve(
+            self._counters,
+            dropped_hub=self.dropped_hub,
+            rejected=self.rejected,
+            write_failed=self.write_failed,
+        )
 
 
 if TYPE_CHECKING:
@@ -926,8 +985,7 @@ def _cli_store(path: str | Path) -> _Store:
 
 
 def stats(path: str | Path) -> list[str]:
-    store = _cli_store(path)
-    try:
+    with contextlib.closing(_cli_store(path)) as store:
         oldest = store.oldest_seq
         rows = store.conn.execute(
             "SELECT first_seq, last_seq, attempts FROM in_flight ORDER BY first_seq"
@@ -943,27 +1001,21 @@ def stats(path: str | Path) -> list[str]:
             f"gaps to report: {store.gaps} ({lost} readings lost)",
             f"dead letters: {store.dead_letters} batches, {store.dead_readings} readings",
         ]
-    finally:
-        store.close()
 
 
 def peek(path: str | Path, n: int = 10) -> list[str]:
     """The ``n`` oldest readings waiting, one line each: ``seq topic payload``."""
-    store = _cli_store(path)
-    try:
+    with contextlib.closing(_cli_store(path)) as store:
         return [
             f"{seq} {topic} {payload.decode(errors='replace')}"
             for seq, topic, payload in store.conn.execute(
                 "SELECT seq, topic, payload FROM readings ORDER BY seq LIMIT ?", (max(0, n),)
             )
         ]
-    finally:
-        store.close()
 
 
 def dead_letters(path: str | Path) -> list[str]:
-    store = _cli_store(path)
-    try:
+    with contextlib.closing(_cli_store(path)) as store:
         lines = []
         for letter, first, last, status, excerpt, when in store.conn.execute(
             "SELECT id, first_seq, last_seq, status, excerpt, time FROM dead_letters ORDER BY id"
@@ -977,24 +1029,16 @@ def dead_letters(path: str | Path) -> list[str]:
                 f"{status if status is not None else '-'}: {excerpt[:200]!r}"
             )
         return lines
-    finally:
-        store.close()
 
 
 def replay_dead(path: str | Path) -> int:
     """Move every dead letter back to the readings waiting (same seqs, so before newer ones);
     the number of readings moved."""
-    store = _cli_store(path)
-    try:
+    with contextlib.closing(_cli_store(path)) as store:
         return store.replay_dead()
-    finally:
-        store.close()
 
 
 def purge_dead(path: str | Path) -> int:
     """Delete every dead letter; the number of readings deleted."""
-    store = _cli_store(path)
-    try:
+    with contextlib.closing(_cli_store(path)) as store:
         return store.purge_dead()
-    finally:
-        store.close()

@@ -216,9 +216,7 @@ class Supervised:
                             up_at = trio.current_time()
                             self._set(State.UP)
                             if self.failures:
-                                log.info(
-                                    "%s is up again", self.label, extra=self._kv()
-                                )
+                                log.info("%s is up again", self.label, extra=self._kv())
                             if not reported:
                                 reported = True
                                 task_status.started()

@@ -27,7 +27,7 @@ from gateway.core.batches import Batch, BatchSource, Gap, StoredReading, batch_i
 from gateway.core.component import State
 from gateway.core.configtypes import Duration, Secret, Size
 from gateway.core.reading import Reading
-from gateway.cpistandin import CpiStandIn, Fault, serve_standin
+from gateway.cpistandin import CpiStandIn, Fault, ReceivedBatch, serve_standin
 from gateway.forwarder import (
     CpiSection,
     Forwarder,
@@ -126,6 +126,23 @@ class MemoryOutbox:
         self._take(batch)
         self.dead.append((batch, status, excerpt))
         self._notify()
+
+
+class Progress:
+    """A forwarder's ``progress`` callback (called after each attempt): tests wait on it
+    instead of polling the statistics."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def __call__(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        with trio.fail_after(TIMEOUT):
+            while not predicate():
+                await self._changed.wait()
 
 
 def test_memory_outbox_is_a_batch_source() -> None:
@@ -288,11 +305,18 @@ async def test_retry_after_as_http_date_and_health_while_failing(
 ) -> None:
     outbox = MemoryOutbox()
     outbox.add(1)
-    cpi.faults.extend([Fault.respond(503)] * 50)
-    forwarder = await start(nursery, make_section(port, tls_files), outbox)
-    with trio.fail_after(TIMEOUT):
-        while forwarder.statistics().retries < 3:
-            await trio.sleep(0.01)  # polls statistics; no readings can arrive meanwhile
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    cpi.faults.extend([Fault.respond(503, retry_after=date)] * 50)
+    progress = Progress()
+    forwarder = await start(
+        nursery,
+        make_section(port, tls_files),
+        outbox,
+        progress=progress,
+        wall_clock=lambda: 1445412480 - 0.2,  # the date is 0.2 s ahead
+    )
+    await progress.wait_until(lambda: forwarder.statistics().retries >= 3)
+    assert forwarder.delays[:3] == [pytest.approx(0.2)] * 3  # beyond max_backoff (0.05 s)
     condition = forwarder.condition()
     assert condition.state is State.DEGRADED
     assert condition.reason is not None
@@ -311,6 +335,32 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("soon", now=0) is None
     assert parse_retry_after(None, now=0) is None
     assert parse_retry_after("99999999", now=0) == 3600
+    assert parse_retry_after("9" * 400, now=0) == 3600
+    # Digits to str.isdigit(), but not to HTTP (and float("²") raises).
+    assert parse_retry_after("²", now=0) is None
+    assert parse_retry_after("١٢٠", now=0) is None
+    assert parse_retry_after("Wed, 21 Oct 99999 07:28:00 GMT", now=0) is None
+
+
+async def test_odd_values_from_cpi_are_failures_not_crashes(
+    cpi: CpiStandIn, port: int, tls_files: dict[str, Path], nursery: trio.Nursery
+) -> None:
+    token = b'{"access_token":"t","expires_in":%s}'
+    cpi.token_faults.extend(
+        Fault.respond(200, token % value, content_type="application/json")
+        for value in (b"9" * 400, b"NaN", b"-1", b'"soon"')
+    )
+    cpi.faults.append(Fault.respond(503, retry_after="²"))
+    outbox = MemoryOutbox()
+    outbox.add(2)
+    forwarder = await start(nursery, make_section(port, tls_files), outbox)
+    await outbox.wait_until(lambda: not outbox.pending)
+    stats = forwarder.statistics()
+    assert stats.token_fetches == 5
+    assert stats.retries == 5
+    assert stats.responses == {"error": 4, "503": 1, "200": 1}
+    assert all(d <= 0.05 for d in forwarder.delays)  # "²" is no Retry-After
+    assert cpi.seqs() == [1, 2]
 
 
 def test_full_jitter_backoff() -> None:
@@ -399,10 +449,9 @@ async def test_bad_credentials_keep_the_data_and_say_so(
     cpi.client_secret = "rotated"
     outbox = MemoryOutbox()
     outbox.add(2)
-    forwarder = await start(nursery, make_section(port, tls_files), outbox)
-    with trio.fail_after(TIMEOUT):
-        while forwarder.statistics().retries < 2:
-            await trio.sleep(0.01)  # polls statistics; nothing else to wait for
+    progress = Progress()
+    forwarder = await start(nursery, make_section(port, tls_files), outbox, progress=progress)
+    await progress.wait_until(lambda: forwarder.statistics().retries >= 2)
     assert forwarder.delays[0] == 0.05  # at the backoff cap
     assert outbox.pending
     assert not outbox.dead
@@ -492,10 +541,9 @@ async def test_client_certificate_mtls_with_service_key_newlines(
     # Without a client certificate the handshake fails: a connection error, data kept.
     outbox2 = MemoryOutbox()
     outbox2.add(1)
-    forwarder = await start(nursery, attrs.evolve(section, auth="none"), outbox2)
-    with trio.fail_after(TIMEOUT):
-        while forwarder.statistics().retries < 1:
-            await trio.sleep(0.01)  # polls statistics; nothing else to wait for
+    progress = Progress()
+    forwarder = await start(nursery, attrs.evolve(section, auth="none"), outbox2, progress=progress)
+    await progress.wait_until(lambda: forwarder.statistics().retries >= 1)
     assert "connection failed" in (forwarder.statistics().last_failure_reason or "")
     assert outbox2.pending
 
@@ -599,23 +647,117 @@ async def test_dead_letters_for_400_and_404(
 async def test_commands_in_a_response_go_to_the_router(
     cpi: CpiStandIn, port: int, tls_files: dict[str, Path], nursery: trio.Nursery
 ) -> None:
+    outbox = MemoryOutbox()
     routed: list[object] = []
-    done = trio.Event()
+    confirmed_then: list[bool] = []
 
     async def router(commands: Sequence[object]) -> None:
         await trio.lowlevel.checkpoint()
         routed.extend(commands)
-        done.set()
+        confirmed_then.append(not outbox.pending)
 
     command = {"id": "c1", "topic": "line-1/valve/open", "value": True}
     cpi.commands = [command]
-    outbox = MemoryOutbox()
     outbox.add(1)
     await start(nursery, make_section(port, tls_files), outbox, command_router=router)
-    with trio.fail_after(TIMEOUT):
-        await done.wait()
+    await outbox.wait_until(lambda: not outbox.pending)
     assert routed == [command]
-    assert not outbox.pending  # confirmed before the commands are handed on
+    # Handed on before the batch is confirmed: a cancel while confirming cannot lose them.
+    assert confirmed_then == [False]
+
+
+class SlowConfirm(MemoryOutbox):
+    """An outbox whose worker is busy: ``confirm`` waits until cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confirming = trio.Event()
+
+    async def confirm(self, batch: Batch) -> None:
+        self.confirming.set()
+        await trio.sleep_forever()
+
+
+async def test_commands_survive_a_cancel_while_the_batch_is_confirmed(
+    cpi: CpiStandIn, port: int, tls_files: dict[str, Path]
+) -> None:
+    routed: list[object] = []
+
+    async def router(commands: Sequence[object]) -> None:
+        await trio.lowlevel.checkpoint()
+        routed.extend(commands)
+
+    command = {"id": "c1", "topic": "line-1/valve/open", "value": True}
+    cpi.commands = [command]
+    outbox = SlowConfirm()
+    outbox.add(1)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, make_section(port, tls_files), outbox, command_router=router)
+            await outbox.confirming.wait()
+            nursery.cancel_scope.cancel()  # a restart while the outbox's worker is busy
+    assert routed == [command]
+    assert outbox.pending  # not confirmed: sent again after the restart
+
+
+async def test_a_huge_answer_confirms_the_batch_and_its_commands_are_ignored(
+    cpi: CpiStandIn,
+    port: int,
+    tls_files: dict[str, Path],
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "gateway.forwarder")
+    routed: list[object] = []
+
+    async def router(commands: Sequence[object]) -> None:
+        await trio.lowlevel.checkpoint()
+        routed.extend(commands)
+
+    # 1100 commands of about 1 KB: past the 1 MiB read.
+    cpi.commands = [{"id": f"c{i}", "target": "x", "value": "v" * 1000} for i in range(1100)]
+    assert len(json.dumps({"commands": cpi.commands})) > forwarder.MAX_ANSWER_BYTES
+    outbox = MemoryOutbox()
+    outbox.add(1)
+    fwd = await start(nursery, make_section(port, tls_files), outbox, command_router=router)
+    await outbox.wait_until(lambda: not outbox.pending)
+    assert routed == []
+    assert fwd.statistics().batches_delivered == 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "not read to its end" in warnings[0]
+
+    # At most MAX_COMMANDS of one answer reach the router.
+    many: list[object] = [{"id": f"c{i}"} for i in range(forwarder.MAX_COMMANDS + 5)]
+    cpi.commands = list(many)
+    outbox.add(1)
+    await outbox.wait_until(lambda: not outbox.pending)
+    assert routed == many[: forwarder.MAX_COMMANDS]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert f"holds {forwarder.MAX_COMMANDS + 5} commands" in warnings[1]
+
+
+async def test_the_stand_in_can_keep_only_the_last_batches_without_bodies(
+    tls_files: dict[str, Path], nursery: trio.Nursery
+) -> None:
+    seen: list[ReceivedBatch] = []
+    cpi = CpiStandIn(auth="none", csrf=False, keep_bodies=False, history=2, on_batch=seen.append)
+    port: int = await nursery.start(
+        lambda task_status: serve_standin(
+            cpi, cert_file=tls_files["cert"], key_file=tls_files["key"], task_status=task_status
+        )
+    )
+    outbox = MemoryOutbox()
+    outbox.add(5)
+    section = make_section(port, tls_files, auth="none", csrf=False, batch_max_readings=1)
+    await start(nursery, section, outbox)
+    await outbox.wait_until(lambda: not outbox.pending)
+    assert [b.seqs for b in seen] == [(1,), (2,), (3,), (4,), (5,)]
+    assert all(b.body for b in seen)  # on_batch gets the body...
+    assert [b.seqs for b in cpi.batches.values()] == [(4,), (5,)]
+    assert all(b.body == b"" for b in cpi.batches.values())  # ...the stand-in keeps none
+    assert len(cpi.requests) == 2
 
 
 # ---- payloads ---------------------------------------------------------------------------------

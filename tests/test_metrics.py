@@ -94,6 +94,7 @@ def outbox_stats() -> OutboxStatistics:
         dropped_full=7,
         rejected=0,
         file_bytes=100000,
+        write_failed=3,
     )
 
 
@@ -249,6 +250,7 @@ def test_every_named_series_with_its_value() -> None:
     assert value(samples, p + "outbox_dead_letters") == 2
     assert value(samples, p + "outbox_dropped_total", reason="hub") == 5
     assert value(samples, p + "outbox_dropped_total", reason="full") == 7
+    assert value(samples, p + "outbox_dropped_total", reason="write-failed") == 3
     # CPI
     assert value(samples, p + "cpi_requests_total", status="200") == 40
     assert value(samples, p + "cpi_requests_total", status="503") == 5

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -22,11 +25,12 @@ import trio.testing
 from gateway import outbox as outbox_mod
 from gateway.core.batches import Gap, batch_id
 from gateway.core.reading import Reading
-from gateway.hub import Hub
+from gateway.hub import Hub, Watermark
 from gateway.outbox import (
     HUB_OVERFLOW,
     OUTBOX_FULL_OLDEST,
     OUTBOX_FULL_REJECTED,
+    OUTBOX_WRITE_FAILED,
     Outbox,
     OutboxError,
     OutboxFull,
@@ -356,21 +360,26 @@ async def test_feed_groups_by_count(db: Path) -> None:
         assert box.statistics().backlog_readings == 1000
 
 
-async def test_feed_commits_what_it_took_when_cancelled(db: Path) -> None:
+async def test_feed_commits_what_it_took_when_cancelled(
+    db: Path, mock_clock: trio.testing.MockClock
+) -> None:
     hub = Hub()
-    async with await Outbox.open(db) as box:
+    section = OutboxSection(commit_interval=outbox_mod.Duration(10))
+    async with await Outbox.open(db, section) as box:
         sub = hub.subscribe("outbox", maxlen=1000)
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(box.feed, sub)
-                hub.publish_many(readings(50))
+                hub.publish_many(readings(1))
+                await wait_commits(box, box.statistics().commits + 1)  # idle: at once
+                hub.publish_many(readings(50, 1))
                 await trio.testing.wait_all_tasks_blocked()
-                hub.publish_many(readings(50, 50))
-                await trio.lowlevel.checkpoint()
+                # Taken from the hub, waiting for commit_interval (the clock stands still).
+                assert sub.statistics().buffered == 0
+                assert box.statistics().backlog_readings == 1
                 scope.cancel()
         # What the feeder had taken from the hub was committed, shielded.
-        assert box.statistics().backlog_readings + sub.statistics().buffered == 100
-        assert box.statistics().backlog_readings >= 50
+        assert box.statistics().backlog_readings == 51
 
 
 def _big_section(policy: outbox_mod.Policy) -> OutboxSection:
@@ -446,7 +455,8 @@ async def test_reject_refuses_new_readings(db: Path) -> None:
             await nursery.start(box.feed, sub)
             hub.publish_many(_blobs(5, 1000))
             sub.close()
-        assert box.statistics().rejected == 5
+        # Refused readings count and become a gap whoever appended them: the 10 above too.
+        assert box.statistics().rejected == 15
         batch = await box.next_batch(1000, 10**9)
         assert batch is not None
         assert batch.last_seq == stored
@@ -454,7 +464,86 @@ async def test_reject_refuses_new_readings(db: Path) -> None:
         assert await box.append(_blobs(1, 2000)) == (stored + 1, stored + 1)
         last = await box.next_batch(1000, 10**9)
         assert last is not None
-        assert last.gaps == (Gap(stored, 5, OUTBOX_FULL_REJECTED),)
+        assert last.gaps == (Gap(stored, 15, OUTBOX_FULL_REJECTED),)
+
+
+async def test_refused_readings_are_a_gap_even_when_the_feed_is_cancelled(db: Path) -> None:
+    """The gap is written in the transaction that refuses: a cancel that lands while the
+    worker refuses cannot skip it."""
+    hub = Hub()
+    async with await Outbox.open(db, _big_section("reject")) as box:
+        stored = 0
+        while box.statistics().rejected == 0:  # fill it up
+            with contextlib.suppress(OutboxFull):
+                await box.append(_blobs(10, stored))
+                stored += 10
+        real = box._store.append
+        started = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def slow_append(*args: Any) -> Any:  # a slow disk: the cancel lands meanwhile
+            token.run_sync_soon(started.set)
+            time.sleep(0.2)
+            return real(*args)
+
+        box._store.append = slow_append  # type: ignore[method-assign]
+        sub = hub.subscribe("outbox", maxlen=1000)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(box.feed, sub)
+                hub.publish_many(_blobs(5, 5000))
+                await started.wait()
+                scope.cancel()
+        box._store.append = real  # type: ignore[method-assign]
+        assert box.statistics().rejected == 15
+        rows = box._store.conn.execute("SELECT after_seq, count, reason FROM gaps").fetchall()
+        assert rows == [(stored, 15, OUTBOX_FULL_REJECTED)]
+
+
+async def test_a_failed_write_is_a_gap_and_the_feed_carries_on(
+    db: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.outbox")
+    hub = Hub()
+    async with await Outbox.open(db) as box:
+        await box.append(_blobs(5))
+        conn = box._store.conn
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the disk fills up
+        watermark = Watermark(hub.published)
+        async with trio.open_nursery() as nursery:
+            sub = hub.subscribe("outbox", maxlen=1000)
+            await nursery.start(functools.partial(box.feed, sub, watermark=watermark))
+            hub.publish_many(_blobs(20, 100))
+            deadline = time.monotonic() + TIMEOUT
+            while box.statistics().write_failed < 20:
+                assert time.monotonic() < deadline, "the failed write was never counted"
+                await trio.testing.wait_all_tasks_blocked()
+            # Lost, and said so to whoever waits for them to be stored.
+            assert watermark.position == 20
+            assert not await watermark.reached(0, 20)
+            assert box.statistics().backlog_readings == 5
+
+            conn.execute("PRAGMA max_page_count = 1000000")  # space again
+            hub.publish_many(_blobs(3, 200))
+            await trio.testing.wait_all_tasks_blocked()
+            assert box.statistics().backlog_readings == 5  # the feed waits its backoff
+            mock_clock.jump(outbox_mod.WRITE_RETRY_INITIAL)
+            deadline = time.monotonic() + TIMEOUT
+            while box.statistics().backlog_readings < 8:
+                assert time.monotonic() < deadline, "the feed never wrote again"
+                await trio.testing.wait_all_tasks_blocked()
+            assert await watermark.reached(20, 23)
+            sub.close()
+        batch = await box.next_batch(1000, 10**9)
+        assert batch is not None
+        assert [r.seq for r in batch.readings] == list(range(1, 9))
+        assert batch.gaps == (Gap(5, 20, OUTBOX_WRITE_FAILED),)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, caplog.records[0].getMessage()),
+        (logging.WARNING, "outbox: writing to the database works again"),
+    ]
+    assert "cannot write to the database" in caplog.records[0].getMessage()
 
 
 async def test_corrupt_database_is_moved_aside(db: Path, caplog: pytest.LogCaptureFixture) -> None:
