@@ -70,7 +70,7 @@ from gateway.core.commands import (
     Unavailable,
 )
 from gateway.core.component import UP, Condition, State
-from gateway.core.configtypes import ConfigValueError, parse_duration
+from gateway.core.configtypes import ConfigValueError, DurationTooLong, parse_duration
 from gateway.core.logs import kv
 from gateway.core.reading import Value, iso_utc
 from gateway.core.topics import name_problem
@@ -227,10 +227,9 @@ def _timeout(value: object, _: type) -> Timeout:
     if isinstance(value, str):
         try:
             return Timeout(parse_duration(value))
+        except DurationTooLong:  # beyond a year (a typo): the limit check says the most
+            return _FAR_TOO_LONG
         except ConfigValueError:
-            if _DURATION_SHAPE.fullmatch(value):
-                # A duration, only beyond a year (a typo): the limit check says the most.
-                return _FAR_TOO_LONG
             raise _Problem(
                 f'{show(value)} is not a duration: send e.g. "5s", "500ms", "1min" or a number '
                 "of seconds"
@@ -248,8 +247,6 @@ def _timeout(value: object, _: type) -> Timeout:
     return Timeout(seconds)
 
 
-_DURATION_SHAPE = re.compile(r"\s*\d+(?:\.\d+)?\s*(?:ms|s|min|h|d)\s*", re.ASCII)
-"""What ``parse_duration`` reads; one it refused anyway is beyond its longest duration."""
 _FAR_TOO_LONG = Timeout(math.inf)
 """A timeout beyond any limit (more than a year, more digits than a float holds)."""
 

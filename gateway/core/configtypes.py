@@ -79,6 +79,10 @@ _SIZE_UNITS = {
 }
 
 
+class DurationTooLong(ConfigValueError):
+    """A well-formed duration beyond ``MAX_DURATION``."""
+
+
 def parse_duration(text: object) -> Duration:
     if not isinstance(text, str):
         raise ConfigValueError(
@@ -94,7 +98,7 @@ def parse_duration(text: object) -> Duration:
     seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     # A long enough digit string is inf as a float; anything this long is a typo anyway.
     if not math.isfinite(seconds) or seconds > MAX_DURATION:
-        raise ConfigValueError(
+        raise DurationTooLong(
             f"{toml_repr(text)} is too long: a duration may be at most 365d (365 days)"
         )
     return Duration(seconds)
