@@ -44,7 +44,7 @@ import secrets
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
@@ -65,6 +65,7 @@ from gateway.commands import (
     records_xml,
     status_url,
 )
+from gateway.core.asgi import Receive, Scope, Send, lifespan
 from gateway.core.commands import CommandRecord, CommandRejected, Source, Unavailable
 from gateway.core.component import Condition, StartPolicy, State
 from gateway.core.configtypes import Duration, Secret, Size, format_duration
@@ -664,10 +665,6 @@ def ready_report(
 
 # ---- HTTP plumbing --------------------------------------------------------------------------
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 JSON = "application/json"
 XML = "application/xml"
@@ -1017,13 +1014,8 @@ class Api:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]
-                if kind == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif kind == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         headers: dict[str, str] = {}

@@ -34,19 +34,16 @@ import secrets
 import ssl
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from gateway.core.asgi import Receive, Scope, Send, lifespan
 
 SESSION_COOKIE = "JSESSIONID"
 
@@ -152,13 +149,8 @@ class CpiStandIn:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]
-                if kind == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif kind == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = bytearray()
