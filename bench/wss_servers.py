@@ -1,7 +1,8 @@
 """The two wss servers the device-plane benchmarks compare, each in its own process.
 
 - **ours**: ``gateway.deviceplane.DevicePlane`` with its ``Hub`` (trio, trio-websocket), as
-  the gateway runs it, with rate limits too high to throttle a benchmark.
+  the gateway runs it, with rate limits too high to throttle a benchmark; **ours-paced** is
+  the same with ``frame_interval = "10ms"`` (fan-out only, to show that setting's trade-off).
 - **peer**: what a user would write with the ``websockets`` library (asyncio): on each
   ``publish``, for each reading, ``await ws.send(frame)`` to each subscriber, one reading per
   frame, in the same ``readings`` frame shape as ours (protocol v1); ``ack`` after it; no
@@ -39,8 +40,10 @@ import attrs
 
 from bench.peers import pin, spawned
 
-Side = Literal["ours", "peer"]
+Side = Literal["ours", "ours-paced", "peer"]
 SIDES: tuple[Side, ...] = ("ours", "peer")
+PACED_INTERVAL = 0.01
+"""``ours-paced``: ours with ``frame_interval`` set to this (the default is 0)."""
 
 PUBLISHER_TOKEN = "bench-publisher-token-0123456789abcdefghij"
 SUBSCRIBER_TOKEN = "bench-subscriber-token-0123456789abcdefgh"
@@ -262,10 +265,11 @@ def _main(side: Side, certs: Certs, queue: int, conn: Connection) -> None:
     quiet_logs()
     raise_open_files_limit()
     try:
-        if side == "ours":
+        if side != "peer":
             import trio
 
-            trio.run(_serve_ours, certs, queue, conn)
+            interval = PACED_INTERVAL if side == "ours-paced" else 0.0
+            trio.run(_serve_ours, certs, queue, interval, conn)
         else:
             asyncio.run(_serve_peer(certs, conn))
     except Exception as e:  # reported to the parent, which raises it
@@ -307,7 +311,7 @@ class _Commands:
         return True
 
 
-def _section(certs: Certs, queue: int) -> Any:
+def _section(certs: Certs, queue: int, frame_interval: float = 0.0) -> Any:
     from gateway.core.configtypes import Duration, Name, Secret, Size
     from gateway.deviceauth import DeviceClient, DevicePlaneSection, hash_token
 
@@ -336,6 +340,7 @@ def _section(certs: Certs, queue: int) -> Any:
         bytes_per_second=Size(1 << 34),
         queue=queue,
         send_timeout=Duration(30.0),
+        frame_interval=Duration(frame_interval),
         handshake_timeout=Duration(30.0),
     )
     # Port 0 (any free port) is for tests and benchmarks: the config file must name one.
@@ -345,14 +350,14 @@ def _section(certs: Certs, queue: int) -> Any:
     return section
 
 
-async def _serve_ours(certs: Certs, queue: int, conn: Connection) -> None:
+async def _serve_ours(certs: Certs, queue: int, frame_interval: float, conn: Connection) -> None:
     import trio
 
     from gateway.app import settle_memory
     from gateway.deviceplane import DevicePlane
     from gateway.hub import Hub
 
-    plane = DevicePlane(_section(certs, queue), Hub(), shutdown_timeout=1.0)
+    plane = DevicePlane(_section(certs, queue, frame_interval), Hub(), shutdown_timeout=1.0)
     commands = _Commands(conn)
     async with trio.open_nursery() as nursery:
         await nursery.start(plane.run)

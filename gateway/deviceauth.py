@@ -149,9 +149,10 @@ class DevicePlaneSection:
     ping_interval: Duration = Duration(20.0)
     ping_timeout: Duration = Duration(20.0)
     send_timeout: Duration = Duration(10.0)
-    frame_interval: Duration = Duration(0.01)
-    """At most one readings frame per client per this time; what comes meanwhile joins the
-    next frame. A reading waits at most this long; 0: send each delivery at once."""
+    frame_interval: Duration = Duration(0)
+    """0: each delivery goes at once (what waited while the client was being sent to goes
+    together). Above 0: at most one readings frame per client per this time; what comes
+    meanwhile joins the next frame, and a reading waits at most this long."""
     queue: int = 1000
     """Readings queued per client before ``overflow`` applies."""
     overflow: Overflow = "drop-oldest"

@@ -62,6 +62,7 @@ from gateway.deviceauth import (
     hash_token,
     server_ssl_context,
 )
+from gateway.fastsend import Sent, TextSender
 from gateway.hub import Hub, OverflowPolicy, SubscriberOverflow, Subscription, Watermark
 from gateway.protocol import (
     MAX_TOPICS,
@@ -702,6 +703,7 @@ class _Connection:
     ) -> None:
         self._plane = plane
         self._ws = ws
+        self._sender = TextSender(ws)
         self.identity = identity
         self.peer = peer
         self.patterns: tuple[str, ...] = ()
@@ -870,15 +872,30 @@ class _Connection:
             self._wake_offers()
 
     async def _send(self, frame: str) -> None:
-        # A send cancelled halfway leaves a partial frame on the TLS stream, after which not
-        # even a close frame can be sent: so a send is not cancelled from outside (shutdown,
-        # the other task ending), only by its own deadline, which ends the connection anyway.
-        timeout = self._plane.section.send_timeout
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
-            await self._ws.send_message(frame)
-        if scope.cancelled_caught:
-            # Half a frame went out: no close frame can follow it, the client sees 1006.
-            raise _Closing(ABNORMAL, f"a send took longer than {timeout:g}s: read faster")
+        # Most frames go out in one step, without a yield (gateway/fastsend.py).
+        try:
+            sent = self._sender.send_now(frame)
+        except trio.BrokenResourceError:
+            raise _Closing(ABNORMAL, "the connection broke while sending to it") from None
+        if sent is not Sent.AT_ONCE:
+            # A send cancelled halfway leaves a partial frame on the TLS stream, after which
+            # not even a close frame can be sent: so a send is not cancelled from outside
+            # (shutdown, the other task ending), only by its own deadline, which ends the
+            # connection anyway.
+            timeout = self._plane.section.send_timeout
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+                try:
+                    if sent is Sent.NOT_TRIED:
+                        await self._ws.send_message(frame)
+                    else:
+                        await sent.finish()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # Only from the rest of a frame sent in one step; send_message raises
+                    # ConnectionClosed.
+                    raise _Closing(ABNORMAL, "the connection broke while sending to it") from None
+            if scope.cancelled_caught:
+                # Half a frame went out: no close frame can follow it, the client sees 1006.
+                raise _Closing(ABNORMAL, f"a send took longer than {timeout:g}s: read faster")
         self.messages_out += 1
         self._plane.messages_out += 1
         # Frames are ASCII (JSON with ensure_ascii), so characters are bytes.
@@ -1157,9 +1174,11 @@ class _Connection:
                 await self._send(gap_frame(delivery.dropped))
             if delivery.readings:
                 await self._send(readings_frame(delivery.readings))
-                # What comes meanwhile waits for the next frame: a client gets at most one
-                # readings frame per frame_interval, and a busy gateway sends fewer, fuller
-                # frames (a send costs about as much for one reading as for fifty).
+                # With a frame_interval, what comes meanwhile waits for the next frame: a
+                # client gets at most one readings frame per frame_interval. Without one
+                # (the default) readings still share frames once they come faster than the
+                # client is sent to; a timer per frame would cost more CPU than the frames
+                # it saves (bench fanout).
                 interval = self._plane.section.frame_interval
                 if interval > 0:
                     await trio.sleep(interval)

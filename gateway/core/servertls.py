@@ -49,7 +49,9 @@ def server_context(files: TlsFiles, *, alpn: Sequence[str] = ()) -> ssl.SSLConte
     certificate. Raises ``ssl.SSLError`` / ``OSError``, ``EncryptedKey``, ``ClientCaError``."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION
+    # No renegotiation (a denial-of-service lever, and gone in TLS 1.3): so a write never has
+    # to wait for the peer (gateway/fastsend.py relies on it).
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if alpn:
         context.set_alpn_protocols(list(alpn))
     load_certificate(context, files)
