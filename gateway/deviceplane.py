@@ -688,6 +688,26 @@ def _same_machine(local: Endpoint | str, remote: Endpoint | str) -> bool:
     return peer is not None and (peer.is_loopback or peer == _ip(str(local.address)))
 
 
+async def close_websocket(ws: WebSocketConnection, code: int, reason: str, wait: float) -> None:
+    """Close ``ws`` with ``code`` (none for ``ABNORMAL``: the client sees 1006), waiting up to
+    ``wait`` seconds for the client's answer, and let go of everything trio-websocket holds for it.
+
+    Shielded: on shutdown the client must still get its 1001."""
+    with trio.CancelScope(shield=True):
+        if code != ABNORMAL:
+            with trio.move_on_after(wait):
+                await ws.aclose(code, _fit(reason) or None)
+        # trio-websocket's aclose() returns at once, without closing the stream, when the
+        # client started the close or the connection broke; its reader may then wait forever
+        # to send the close answer to a client that stopped reading, holding the socket.
+        # Closing the stream ends that. A reader parked on its full message queue (the
+        # connection's own reader had stopped taking messages) is reached by neither, nor by
+        # a failed close: closing the queue ends it. trio-websocket offers no public way to
+        # do either.
+        await trio.aclose_forcefully(ws._stream)
+        await ws._recv_channel.aclose()
+
+
 async def _set_when_cancelled(event: trio.Event) -> None:
     try:
         await trio.sleep_forever()
@@ -704,6 +724,8 @@ class _Connection:
         self._plane = plane
         self._ws = ws
         self._sender = TextSender(ws)
+        self._send_scopes: set[trio.CancelScope] = set()
+        """Of the sends waiting for the socket (the writer's and the answers')."""
         self.identity = identity
         self.peer = peer
         self.patterns: tuple[str, ...] = ()
@@ -745,6 +767,11 @@ class _Connection:
         self.close_code, self.close_reason = GOING_AWAY, "the gateway is shutting down"
         self._scope.cancel()
         self._wake_offers()
+        # A send waiting on a client that reads nothing is not cancelled (see _send), but it
+        # may not hold up the shutdown for longer than the shutdown may take.
+        deadline = trio.current_time() + self._plane.shutdown_timeout
+        for scope in self._send_scopes:
+            scope.deadline = min(scope.deadline, deadline)
 
     def revoke(self, reason: str) -> None:
         """Close with 1008 (a reload took away what this connection was allowed)."""
@@ -831,17 +858,9 @@ class _Connection:
                     nursery.start_soon(self._until_done, self._write, nursery.cancel_scope)
                     nursery.start_soon(self._until_done, self._keepalive, nursery.cancel_scope)
         finally:
-            # Shielded: on shutdown the client must still get its 1001.
-            with trio.CancelScope(shield=True):
-                if self.close_code != ABNORMAL:
-                    with trio.move_on_after(self._plane.shutdown_timeout):
-                        await self._ws.aclose(self.close_code, _fit(self.close_reason) or None)
-                # trio-websocket's aclose() returns at once, without closing the stream, when
-                # the client started the close or the connection broke; its reader may then
-                # wait forever to send the close answer to a client that stopped reading,
-                # holding the socket. Closing the stream ends that (trio-websocket offers no
-                # public way to do it).
-                await trio.aclose_forcefully(self._ws._stream)
+            await close_websocket(
+                self._ws, self.close_code, self.close_reason, self._plane.shutdown_timeout
+            )
 
     async def _until_done(
         self, task: Callable[[], Awaitable[None]], scope: trio.CancelScope
@@ -884,6 +903,7 @@ class _Connection:
             # connection anyway.
             timeout = self._plane.section.send_timeout
             with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+                self._send_scopes.add(scope)
                 try:
                     if sent is Sent.NOT_TRIED:
                         await self._ws.send_message(frame)
@@ -893,8 +913,16 @@ class _Connection:
                     # Only from the rest of a frame sent in one step; send_message raises
                     # ConnectionClosed.
                     raise _Closing(ABNORMAL, "the connection broke while sending to it") from None
+                finally:
+                    self._send_scopes.discard(scope)
             if scope.cancelled_caught:
                 # Half a frame went out: no close frame can follow it, the client sees 1006.
+                if self.close_code == GOING_AWAY:  # cut short by shut_down
+                    raise _Closing(
+                        ABNORMAL,
+                        "the gateway is shutting down and a send was still waiting for the "
+                        "client to read",
+                    )
                 raise _Closing(ABNORMAL, f"a send took longer than {timeout:g}s: read faster")
         self.messages_out += 1
         self._plane.messages_out += 1

@@ -111,12 +111,12 @@ class TextSender:
                 written = os.write(fd, out)
             except BlockingIOError:
                 written = 0
-        except OSError as e:  # ssl.SSLError too
+        except BaseException as e:
+            # The frame may be encrypted and not sent, or half sent: nothing may follow it.
             self._release()
             socket.close()
-            raise trio.BrokenResourceError(f"sending a frame failed: {e}") from e
-        except BaseException:
-            self._release()
+            if isinstance(e, OSError):  # ssl.SSLError too
+                raise trio.BrokenResourceError(f"sending a frame failed: {e}") from e
             raise
         if written == len(out):
             self._release()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import websockets.exceptions
 import websockets.sync.client
 import wsproto
 import wsproto.events
+from trio_websocket import WebSocketRequest, serve_websocket
 
 from gateway import deviceplane
 from gateway.core.configtypes import Duration, Name, Secret, Size
@@ -345,6 +349,105 @@ async def test_shutdown_closes_every_client_with_1001(
     await trio.testing.wait_all_tasks_blocked()
     assert hub.statistics().subscribers == {}
     assert plane.condition().state.value == "down"
+
+
+async def test_shutdown_is_not_held_up_by_a_client_that_reads_nothing(
+    section: DevicePlaneSection, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.deviceplane")
+    hub = Hub()
+    # A send waits up to send_timeout; the shutdown may take only shutdown_timeout.
+    plane = DevicePlane(
+        attrs.evolve(section, send_timeout=Duration(30.0)), hub, shutdown_timeout=0.5
+    )
+    scope = trio.CancelScope()
+    subscribe = {"type": "subscribe", "topics": ["line-1/#"]}
+    # Not the 30 s of send_timeout (a shielded send that outlives it raises only at its end).
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+
+            async def run(task_status: trio.TaskStatus[None]) -> None:
+                with scope:
+                    await plane.run(task_status=task_status)
+
+            await nursery.start(run)
+            stalled = await trio.to_thread.run_sync(
+                raw_client, plane.port, client_ssl, HMI_TOKEN, [json.dumps(subscribe)]
+            )
+            await wait_until(lambda: bool(hub.statistics().subscriptions))
+            # Until the writer waits on the full socket: readings pile up behind it.
+            while not plane.statistics().clients[0].queued:
+                for _ in range(20):
+                    hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
+                await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+    stalled.close()
+    # Cut mid-frame: no close frame could follow.
+    assert "device hmi-1 disconnected (1006: the gateway is shutting down and a send" in caplog.text
+
+
+def raw_client(
+    port: int, context: ssl.SSLContext, token: str | None, messages: list[str]
+) -> ssl.SSLSocket:
+    """A client that sends ``messages`` and reads nothing (wsproto over a blocking socket)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    tls.sendall(
+        ws.send(wsproto.events.Request(host="127.0.0.1", target="/", extra_headers=headers))
+    )
+    while not any(isinstance(e, wsproto.events.AcceptConnection) for e in ws.events()):
+        ws.receive_data(tls.recv(65536))
+    for message in messages:
+        tls.sendall(ws.send(wsproto.events.TextMessage(message)))
+    return tls
+
+
+def reader_tasks() -> list[trio.lowlevel.Task]:
+    """trio-websocket's reader tasks, one per connection it still holds."""
+    found = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_reader_task"):
+            found.append(task)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return found
+
+
+async def test_closing_lets_go_of_a_reader_parked_on_its_full_queue(
+    ca: trustme.CA, client_ssl: ssl.SSLContext, nursery: trio.Nursery
+) -> None:
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    reset, closed = trio.Event(), trio.Event()
+    accepted: list[Any] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        accepted.append(ws)
+        await reset.wait()  # taking no message meanwhile
+        await deviceplane.close_websocket(ws, deviceplane.POLICY_VIOLATION, "bye", wait=TIMEOUT)
+        closed.set()
+
+    server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, server_ssl)
+
+    messages = [f"message {i}" for i in range(10)]  # which nobody takes
+    tls = await trio.to_thread.run_sync(raw_client, server.port, client_ssl, None, messages)
+    assert len(reader_tasks()) == 1
+    # Until trio-websocket's reader is parked on its full queue (the handler takes nothing).
+    await wait_until(lambda: accepted[0]._recv_channel.statistics().tasks_waiting_send == 1)
+    # The connection is reset: the close frame cannot go out either.
+    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tls.close()
+    reset.set()
+    await closed.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert reader_tasks() == []
 
 
 async def test_slow_client_does_not_hold_back_others(
