@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from functools import partial
 from pathlib import Path
+from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
@@ -545,7 +546,7 @@ class DevicePlane:
                         section.listen,
                         section.port,
                         ssl_context,
-                        handler_nursery=handlers,
+                        handler_nursery=cast(trio.Nursery, _EachConnectionAlone(handlers)),
                         max_message_size=section.max_message_size,
                         message_queue_size=MESSAGES_QUEUED,
                         connect_timeout=section.handshake_timeout,
@@ -688,6 +689,39 @@ def _same_machine(local: Endpoint | str, remote: Endpoint | str) -> bool:
     return peer is not None and (peer.is_loopback or peer == _ip(str(local.address)))
 
 
+class _EachConnectionAlone:
+    """Where trio-websocket runs each connection: a failure inside trio-websocket ends that
+    connection only, not the server and every other client on it.
+
+    (trio-websocket 0.12 raises out of a connection's reader task, for one, when a client
+    pings after the gateway sent its close: python-trio/trio-websocket#184.) The connection's
+    handler has been cancelled and has cleaned up by then, as for any other disconnect."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        self._nursery.start_soon(self._alone, fn, args)
+
+    async def _alone(self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception as e:
+            log.warning(
+                "a device connection ended on an error inside trio-websocket (the other "
+                "connections go on): %s",
+                "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(e)),
+            )
+
+
+def _leaves(e: BaseException) -> Iterator[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        for inner in e.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield e
+
+
 async def close_websocket(ws: WebSocketConnection, code: int, reason: str, wait: float) -> None:
     """Close ``ws`` with ``code`` (none for ``ABNORMAL``: the client sees 1006), waiting up to
     ``wait`` seconds for the client's answer, and let go of everything trio-websocket holds for it.
@@ -730,7 +764,7 @@ class _Connection:
         self.peer = peer
         self.patterns: tuple[str, ...] = ()
         self._subscription: Subscription | None = None
-        self._snapshot: list[Reading] = []
+        self._snapshot: dict[str, Reading] = {}
         """Latest readings a ``subscribe`` with ``last`` asked for, sent before new ones."""
         self._changed = trio.Event()
         # The reader's answers and the router's commands go through a task of their own, in
@@ -765,13 +799,7 @@ class _Connection:
     def shut_down(self) -> None:
         """Close with 1001 (the gateway stops)."""
         self.close_code, self.close_reason = GOING_AWAY, "the gateway is shutting down"
-        self._scope.cancel()
-        self._wake_offers()
-        # A send waiting on a client that reads nothing is not cancelled (see _send), but it
-        # may not hold up the shutdown for longer than the shutdown may take.
-        deadline = trio.current_time() + self._plane.shutdown_timeout
-        for scope in self._send_scopes:
-            scope.deadline = min(scope.deadline, deadline)
+        self._end()
 
     def revoke(self, reason: str) -> None:
         """Close with 1008 (a reload took away what this connection was allowed)."""
@@ -781,8 +809,16 @@ class _Connection:
     def _close(self, code: int, reason: str) -> None:
         log.warning("device %s: closing (%d): %s", self.identity.client_id, code, reason)
         self.close_code, self.close_reason = code, reason
+        self._end()
+
+    def _end(self) -> None:
         self._scope.cancel()
         self._wake_offers()
+        # A send waiting on a client that reads nothing is not cancelled (see _send), but it
+        # may not keep the connection (and a shutdown) for longer than a close may take.
+        deadline = trio.current_time() + self._plane.shutdown_timeout
+        for scope in self._send_scopes:
+            scope.deadline = min(scope.deadline, deadline)
 
     def _wake_offers(self) -> None:
         """Let an ``offer_command`` waiting for room look again (room was made, or the
@@ -917,11 +953,10 @@ class _Connection:
                     self._send_scopes.discard(scope)
             if scope.cancelled_caught:
                 # Half a frame went out: no close frame can follow it, the client sees 1006.
-                if self.close_code == GOING_AWAY:  # cut short by shut_down
+                if self._scope.cancel_called:  # cut short by _end
                     raise _Closing(
                         ABNORMAL,
-                        "the gateway is shutting down and a send was still waiting for the "
-                        "client to read",
+                        f"{self.close_reason}; a send was still waiting for the client to read",
                     )
                 raise _Closing(ABNORMAL, f"a send took longer than {timeout:g}s: read faster")
         self.messages_out += 1
@@ -1066,7 +1101,8 @@ class _Connection:
             # Replaced even when the patterns are the same: closing the old subscription is
             # what wakes a writer waiting on it to send the snapshot.
             if message.last:
-                self._snapshot.extend(self._plane.hub.latest(message.topics))
+                # By topic: repeated ones while the client reads nothing cannot pile up.
+                self._snapshot.update((r.topic, r) for r in self._plane.hub.latest(message.topics))
             self._resubscribe(patterns, renew=message.last)
         elif isinstance(message, Unsubscribe):
             self._resubscribe(tuple(p for p in self.patterns if p not in message.topics))
@@ -1177,8 +1213,8 @@ class _Connection:
         draining: Subscription | None = None
         while True:
             if self._snapshot and draining is None:
-                snapshot, self._snapshot = self._snapshot, []
-                await self._send(readings_frame(snapshot))
+                snapshot, self._snapshot = self._snapshot, {}
+                await self._send(readings_frame(list(snapshot.values())))
                 continue
             sub = draining or self._subscription
             if sub is None:

@@ -22,6 +22,7 @@ import websockets.exceptions
 import websockets.sync.client
 import wsproto
 import wsproto.events
+import wsproto.frame_protocol
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from gateway import deviceplane
@@ -134,9 +135,13 @@ async def gateway(
     """Start a device plane; yields ``start(**section changes) -> (plane, hub, scope)``."""
     async with trio.open_nursery() as nursery:
 
-        async def start(**changes: Any) -> tuple[DevicePlane, Hub, trio.CancelScope]:
+        async def start(
+            shutdown_timeout: float = 5.0, **changes: Any
+        ) -> tuple[DevicePlane, Hub, trio.CancelScope]:
             hub = Hub()
-            plane = DevicePlane(attrs.evolve(section, **changes), hub, shutdown_timeout=5.0)
+            plane = DevicePlane(
+                attrs.evolve(section, **changes), hub, shutdown_timeout=shutdown_timeout
+            )
             scope = trio.CancelScope()
 
             async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -351,15 +356,18 @@ async def test_shutdown_closes_every_client_with_1001(
     assert plane.condition().state.value == "down"
 
 
-async def test_shutdown_is_not_held_up_by_a_client_that_reads_nothing(
-    section: DevicePlaneSection, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("close", ["shutdown", "revoke"])
+async def test_a_close_is_not_held_up_by_a_client_that_reads_nothing(
+    section: DevicePlaneSection,
+    client_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+    close: str,
 ) -> None:
     caplog.set_level(logging.INFO, "gateway.deviceplane")
     hub = Hub()
-    # A send waits up to send_timeout; the shutdown may take only shutdown_timeout.
-    plane = DevicePlane(
-        attrs.evolve(section, send_timeout=Duration(30.0)), hub, shutdown_timeout=0.5
-    )
+    # A send waits up to send_timeout; a close may take only shutdown_timeout.
+    section = attrs.evolve(section, send_timeout=Duration(30.0))
+    plane = DevicePlane(section, hub, shutdown_timeout=0.5)
     scope = trio.CancelScope()
     subscribe = {"type": "subscribe", "topics": ["line-1/#"]}
     # Not the 30 s of send_timeout (a shielded send that outlives it raises only at its end).
@@ -371,7 +379,7 @@ async def test_shutdown_is_not_held_up_by_a_client_that_reads_nothing(
                     await plane.run(task_status=task_status)
 
             await nursery.start(run)
-            stalled = await trio.to_thread.run_sync(
+            stalled, _ = await trio.to_thread.run_sync(
                 raw_client, plane.port, client_ssl, HMI_TOKEN, [json.dumps(subscribe)]
             )
             await wait_until(lambda: bool(hub.statistics().subscriptions))
@@ -380,15 +388,73 @@ async def test_shutdown_is_not_held_up_by_a_client_that_reads_nothing(
                 for _ in range(20):
                     hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
                 await trio.testing.wait_all_tasks_blocked()
+            if close == "revoke":
+                plane.reconfigure(attrs.evolve(section, clients=CLIENTS[1:]))
+                await wait_until(lambda: plane.statistics().connections == 0)
+                reason = "client 'hmi-1' was removed"
+            else:
+                reason = "the gateway is shutting down"
             scope.cancel()
     stalled.close()
     # Cut mid-frame: no close frame could follow.
-    assert "device hmi-1 disconnected (1006: the gateway is shutting down and a send" in caplog.text
+    [line] = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert line.startswith(f"device hmi-1 disconnected (1006: {reason}")
+    assert line.endswith("; a send was still waiting for the client to read)")
+
+
+async def test_a_client_that_pings_after_the_close_ends_only_its_own_connection(
+    gateway: Callable[..., Any],
+    connect: Callable[..., Any],
+    client_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The attacker's close waits for an answer its failed reader cannot give, up to this.
+    plane, _, _ = await gateway(shutdown_timeout=0.5)
+    other = await connect(plane.port, SENSOR_TOKEN)
+    await other.ping()
+
+    def attack() -> None:
+        """A binary frame (closed with 1003), then a ping after the gateway's close frame:
+        trio-websocket 0.12 fails on it (python-trio/trio-websocket#184)."""
+        tls, ws = raw_client(plane.port, client_ssl, HMI_TOKEN, [])
+        tls.sendall(ws.send(wsproto.events.BytesMessage(b"binary")))
+        while not any(isinstance(e, wsproto.events.CloseConnection) for e in ws.events()):
+            ws.receive_data(tls.recv(65536))
+        # wsproto's connection refuses to ping now; its frame layer still builds one.
+        tls.sendall(wsproto.frame_protocol.FrameProtocol(client=True, extensions=[]).ping(b"x"))
+        tls.sendall(ws.send(wsproto.events.CloseConnection(1003)))
+        tls.close()
+
+    await trio.to_thread.run_sync(attack)
+    await wait_until(lambda: plane.statistics().connections == 1)
+    # The server and the other client go on.
+    await other.ping()
+    assert plane.condition().state.value == "up"
+    third = await connect(plane.port)
+    await third.ping()
+    assert "LocalProtocolError" in caplog.text  # logged, one line, as what it is
+
+
+async def test_repeated_snapshots_for_a_client_that_reads_nothing_do_not_pile_up(
+    gateway: Callable[..., Any], client_ssl: ssl.SSLContext
+) -> None:
+    plane, hub, _ = await gateway()
+    for i in range(5):
+        hub.publish(Reading(f"line-1/boiler/p{i}", "x" * 60_000, timestamp=1.0))
+    subscribe = json.dumps({"type": "subscribe", "topics": ["line-1/#"], "last": True})
+    stalled, _ = await trio.to_thread.run_sync(
+        raw_client, plane.port, client_ssl, HMI_TOKEN, [subscribe] * 50
+    )
+    await wait_until(lambda: plane.statistics().clients[0].messages_in == 50)
+    [connection] = plane._connections
+    # The writer waits on the full socket; what waits for it is one reading per topic.
+    assert len(connection._snapshot) <= 5
+    stalled.close()
 
 
 def raw_client(
     port: int, context: ssl.SSLContext, token: str | None, messages: list[str]
-) -> ssl.SSLSocket:
+) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
     """A client that sends ``messages`` and reads nothing (wsproto over a blocking socket)."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
@@ -401,7 +467,7 @@ def raw_client(
         ws.receive_data(tls.recv(65536))
     for message in messages:
         tls.sendall(ws.send(wsproto.events.TextMessage(message)))
-    return tls
+    return tls, ws
 
 
 def reader_tasks() -> list[trio.lowlevel.Task]:
@@ -437,7 +503,7 @@ async def test_closing_lets_go_of_a_reader_parked_on_its_full_queue(
     server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, server_ssl)
 
     messages = [f"message {i}" for i in range(10)]  # which nobody takes
-    tls = await trio.to_thread.run_sync(raw_client, server.port, client_ssl, None, messages)
+    tls, _ = await trio.to_thread.run_sync(raw_client, server.port, client_ssl, None, messages)
     assert len(reader_tasks()) == 1
     # Until trio-websocket's reader is parked on its full queue (the handler takes nothing).
     await wait_until(lambda: accepted[0]._recv_channel.statistics().tasks_waiting_send == 1)

@@ -376,3 +376,85 @@ def test_uncaught_traceback_under_journal_is_critical(where: str) -> None:
     lines = result.stderr.splitlines()
     assert any("RuntimeError: boom" in line for line in lines), lines
     assert all(line.startswith("<2>") for line in lines), lines
+
+
+def test_accept_failures_give_one_warning_a_minute_without_a_traceback() -> None:
+    now = [0.0]
+    retries = logs.AcceptRetries(clock=lambda: now[0])
+    logger = logging.getLogger("trio.serve_listeners")
+
+    def failure() -> logging.LogRecord:
+        try:
+            raise OSError(24, "Too many open files")
+        except OSError:
+            return logger.makeRecord(
+                logger.name,
+                logging.ERROR,
+                __file__,
+                1,
+                "accept returned %s (%s); retrying in %s seconds",
+                ("EMFILE", "Too many open files", 0.1),
+                sys.exc_info(),
+            )
+
+    first = failure()
+    assert retries.filter(first)
+    assert first.levelname == "WARNING"
+    assert first.exc_info is None
+    assert first.getMessage() == (
+        "new connections wait: accepting one failed with EMFILE (Too many open files), "
+        "retrying every 0.1s; the process is out of file descriptors: raise LimitNOFILE in "
+        "the unit, or lower max_connections"
+    )
+    now[0] = 59.0
+    assert not any(retries.filter(failure()) for _ in range(590))
+    now[0] = 60.0
+    later = failure()
+    assert retries.filter(later)
+    assert "(590 more such failures since the last message)" in later.getMessage()
+    # Anything else trio's server logs goes through as it is.
+    other = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "other", (), None)
+    assert retries.filter(other)
+    assert other.getMessage() == "other"
+
+
+SERVE_WITH_FEW_FILES = """
+import resource, sys, trio
+from gateway.core import logs
+resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+logs.setup(stream=sys.stderr)
+async def main():
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    await trio.serve_listeners(lambda stream: trio.sleep_forever(), listeners)
+trio.run(main)
+"""
+
+
+def test_a_server_out_of_file_descriptors_logs_one_line_not_a_traceback_flood() -> None:
+    import socket
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITH_FEW_FILES],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=gateway_env(),
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        assert server.stderr is not None
+        port = int(server.stdout.readline())
+        # More connections than the server has descriptors for: its accepts fail.
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+        line = server.stderr.readline()
+    finally:
+        server.kill()
+        _, rest = server.communicate(timeout=10)
+        for client in clients:
+            client.close()
+    assert "WARNING" in line, line
+    assert "accepting one failed with EMFILE" in line
+    assert "LimitNOFILE" in line
+    assert "Traceback" not in line + rest, rest

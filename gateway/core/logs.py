@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import IO
 
@@ -91,6 +92,41 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     )
 
 
+class AcceptRetries(logging.Filter):
+    """trio's servers log a traceback every 0.1 s while ``accept`` fails for want of file
+    descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM): one warning a minute, without the
+    traceback, with how many were left out and what to do. Not a defect of the gateway, and a
+    traceback in the journal says there is one."""
+
+    EVERY = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._last: float | None = None
+        self._left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("accept returned"):
+            return True
+        now = self._clock()
+        if self._last is not None and now - self._last < self.EVERY:
+            self._left_out += 1
+            return False
+        code, text, retry = record.args if isinstance(record.args, tuple) else ("?", "?", "?")
+        record.msg = (
+            "new connections wait: accepting one failed with %s (%s), retrying every %ss%s; "
+            "the process is out of file descriptors: raise LimitNOFILE in the unit, or lower "
+            "max_connections"
+        )
+        left_out = f" ({self._left_out} more such failures since the last message)"
+        record.args = (code, text, retry, left_out if self._left_out else "")
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        self._last, self._left_out = now, 0
+        return True
+
+
 def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     """Configure the root logger once; call again to change the level (reload). Uncaught
     exceptions (main thread and worker threads) are logged at critical priority."""
@@ -103,6 +139,7 @@ def setup(level: str = "info", stream: IO[str] | None = None) -> None:
     for handler in root.handlers:
         if getattr(handler, "_edge_gateway", False):
             return
+    logging.getLogger("trio.serve_listeners").addFilter(AcceptRetries())
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
     handler = logging.StreamHandler(stream or sys.stderr)
