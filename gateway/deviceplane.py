@@ -190,6 +190,10 @@ class TokenBucket:
         """Take ``amount`` tokens; only after ``can_take`` said yes (may go below zero else)."""
         self._tokens = self.tokens(now) - amount
 
+    def give_back(self, amount: float) -> None:
+        """Return ``amount`` taken for a message that turned out not to count."""
+        self._tokens = min(self.capacity, self._tokens + amount)
+
 
 class RecentIds:
     """The last ``size`` publish ids of one client, oldest forgotten first, each with what
@@ -704,14 +708,27 @@ class _EachConnectionAlone:
         self._nursery.start_soon(self._alone, fn, args)
 
     async def _alone(self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
+        # trio's serve_listeners passes the connection's stream first.
+        peer = _peer_of(args[0]) if args else "?"
         try:
             await fn(*args)
         except Exception as e:
+            # Shortened: the error may quote what the client sent.
             log.warning(
-                "a device connection ended on an error inside trio-websocket (the other "
-                "connections go on): %s",
-                "; ".join(f"{type(leaf).__name__}: {leaf}" for leaf in _leaves(e)),
+                "a device connection from %s ended on an error inside trio-websocket (the "
+                "other connections go on): %s",
+                peer,
+                "; ".join(f"{type(leaf).__name__}: {str(leaf)[:100]!r}" for leaf in _leaves(e)),
             )
+
+
+def _peer_of(stream: object) -> str:
+    transport = getattr(stream, "transport_stream", stream)  # under TLS
+    try:
+        host, port = transport.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return "?"
+    return f"{host}:{port}"
 
 
 def _leaves(e: BaseException) -> Iterator[BaseException]:
@@ -780,6 +797,7 @@ class _Connection:
         self._command_bytes = 0  # of command frames queued, not yet taken by the sender
         self._room = trio.Event()  # set when the sender took a command, or the connection ends
         self._ending = False  # a task ended: the others are being cancelled
+        self._closed_why = False  # a task ended with a _Closing: its code and reason stand
         self._scope = trio.CancelScope()
         self._dropped_before = 0  # by subscriptions replaced since
         self.close_code = 1000
@@ -906,10 +924,12 @@ class _Connection:
             await task()
         except _Closing as e:
             self.close_code, self.close_reason = e.code, e.reason
+            self._closed_why = True
         except ConnectionClosed as e:
             # The client left, cleanly or not (1006: without a close frame); nothing more to
-            # say to it. Its code is what the log shows.
-            if e.reason is not None:
+            # say to it. Its code is what the log shows, unless the other task's _Closing
+            # already said why (a send it cut short ends this task's send too).
+            if e.reason is not None and not self._closed_why:
                 self.close_code = e.reason.code
                 self.close_reason = e.reason.reason or ""
         except Exception as e:
@@ -998,7 +1018,7 @@ class _Connection:
             try:
                 self._take_tokens(size)
                 message = parse_client_message(data, now=self._plane._wall_clock())
-                await self._dispatch(message)
+                await self._dispatch(message, size)
             except ProtocolError as e:
                 await self._refuse(e)
 
@@ -1076,7 +1096,10 @@ class _Connection:
             )
             await trio.sleep_forever()  # read no more; the answering task ends it
 
-    async def _dispatch(self, message: Subscribe | Unsubscribe | Publish | Ack | Ping) -> None:
+    async def _dispatch(
+        self, message: Subscribe | Unsubscribe | Publish | Ack | Ping, size: int
+    ) -> None:
+        """Act on ``message``, ``size`` bytes, already charged to the rate limits."""
         identity = self.identity
         if isinstance(message, Subscribe):
             denied = [p for p in message.topics if not identity.may_subscribe(p)]
@@ -1141,9 +1164,9 @@ class _Connection:
         elif isinstance(message, Ping):
             await self._queue(pong_frame(message.id))
         else:
-            await self._take_ack(message)
+            await self._take_ack(message, size)
 
-    async def _take_ack(self, ack: Ack) -> None:
+    async def _take_ack(self, ack: Ack, size: int) -> None:
         client_id = self.identity.client_id
         sink = self._plane.commands()
         if (
@@ -1151,6 +1174,11 @@ class _Connection:
             and client_id not in RESERVED_CLIENTS
             and sink.device_acked(client_id, ack.command_id, ack.ok, ack.result, ack.error)
         ):
+            # An ack the gateway asked for does not count towards the rate limits: a device
+            # that answers a backlog of commands at once must not be refused (and then sent
+            # them all again on its next connection). Unmatched acks still count.
+            self._message_bucket.give_back(1)
+            self._byte_bucket.give_back(size)
             return
         self._plane.acks_unmatched += 1
         log.warning(

@@ -432,7 +432,10 @@ async def test_a_client_that_pings_after_the_close_ends_only_its_own_connection(
     assert plane.condition().state.value == "up"
     third = await connect(plane.port)
     await third.ping()
-    assert "LocalProtocolError" in caplog.text  # logged, one line, as what it is
+    # One line, as what it is, with the client's address.
+    [line] = [r.getMessage() for r in caplog.records if "trio-websocket" in r.getMessage()]
+    assert line.startswith("a device connection from 127.0.0.1:"), line
+    assert "LocalProtocolError: " in line
 
 
 async def test_repeated_snapshots_for_a_client_that_reads_nothing_do_not_pile_up(
@@ -450,6 +453,30 @@ async def test_repeated_snapshots_for_a_client_that_reads_nothing_do_not_pile_up
     # The writer waits on the full socket; what waits for it is one reading per topic.
     assert len(connection._snapshot) <= 5
     stalled.close()
+
+
+async def test_a_cut_send_is_logged_with_its_reason_when_another_send_waited_behind_it(
+    gateway: Callable[..., Any], client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.deviceplane")
+    plane, hub, _ = await gateway(send_timeout=Duration(1.0))
+    subscribe = {"type": "subscribe", "topics": ["line-1/#"]}
+    stalled, ws = await trio.to_thread.run_sync(
+        raw_client, plane.port, client_ssl, HMI_TOKEN, [json.dumps(subscribe)]
+    )
+    await wait_until(lambda: bool(hub.statistics().subscriptions))
+    # The writer waits on the full socket...
+    while not plane.statistics().clients[0].queued:
+        for _ in range(20):
+            hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
+        await trio.testing.wait_all_tasks_blocked()
+    # ... and the answer to a ping waits behind it, until send_timeout cuts the writer's send.
+    ping = json.dumps({"type": "ping", "id": "behind"})
+    await trio.to_thread.run_sync(stalled.sendall, ws.send(wsproto.events.TextMessage(ping)))
+    await wait_until(lambda: plane.statistics().connections == 0)
+    stalled.close()
+    [line] = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert line.startswith("device hmi-1 disconnected (1006: a send took longer than 1s"), line
 
 
 def raw_client(

@@ -171,6 +171,30 @@ async def test_a_command_reaches_the_device_and_its_acks_reach_the_router(
     assert (stats.commands_sent, stats.acks_unmatched) == (1, 0)
 
 
+async def test_acks_of_a_backlog_do_not_count_towards_the_rate_limit(
+    gateway: Callable[..., Any], connect: Callable[..., Any], sink: RecordingSink
+) -> None:
+    # 4 messages at once, then one every 2 s: 40 acks would be refused after the fourth.
+    plane, _ = await gateway(messages_per_second=0.5, burst=Duration(8.0), max_errors=3)
+    hmi = await connect(plane.port)
+    await sink.wait_connected(1)
+    ids = [f"cpi-{i}" for i in range(40)]
+    for command_id in ids:
+        assert await plane.send_command("hmi-1", attrs.evolve(request(), id=command_id))
+        sink.waiting.add(("hmi-1", command_id))
+    for command_id in ids:
+        assert (await hmi.receive())["command_id"] == command_id
+    for command_id in ids:
+        await hmi.send({"type": "ack", "command_id": command_id, "ok": True})
+    # Unmatched acks still count: the fifth message in a row is refused.
+    for _ in range(5):
+        await hmi.send({"type": "ack", "command_id": "never-sent", "ok": True})
+    codes = [(await hmi.receive())["code"] for _ in range(5)]
+    assert codes == ["unknown-command"] * 4 + ["rate-limited"]
+    assert [a[1] for a in sink.acks[:40]] == ids
+    assert not sink.waiting
+
+
 async def test_an_unmatched_ack_gets_an_error_and_the_connection_stays(
     gateway: Callable[..., Any], connect: Callable[..., Any], sink: RecordingSink
 ) -> None:
