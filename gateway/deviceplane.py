@@ -95,6 +95,7 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 ABNORMAL = 1006
+STILL_WAITING = "; a send was still waiting for the client to read"
 """Never sent (RFC 6455 forbids it in a close frame): what the log shows for a connection
 that ended without a close frame, either way."""
 
@@ -189,10 +190,6 @@ class TokenBucket:
     def take(self, amount: float, now: float) -> None:
         """Take ``amount`` tokens; only after ``can_take`` said yes (may go below zero else)."""
         self._tokens = self.tokens(now) - amount
-
-    def give_back(self, amount: float) -> None:
-        """Return ``amount`` taken for a message that turned out not to count."""
-        self._tokens = min(self.capacity, self._tokens + amount)
 
 
 class RecentIds:
@@ -923,7 +920,9 @@ class _Connection:
         try:
             await task()
         except _Closing as e:
-            self.close_code, self.close_reason = e.code, e.reason
+            # Once a send was cut (1006), no close frame may follow: that code stays.
+            if not (self._closed_why and self.close_code == ABNORMAL):
+                self.close_code, self.close_reason = e.code, e.reason
             self._closed_why = True
         except ConnectionClosed as e:
             # The client left, cleanly or not (1006: without a close frame); nothing more to
@@ -974,10 +973,7 @@ class _Connection:
             if scope.cancelled_caught:
                 # Half a frame went out: no close frame can follow it, the client sees 1006.
                 if self._scope.cancel_called:  # cut short by _end
-                    raise _Closing(
-                        ABNORMAL,
-                        f"{self.close_reason}; a send was still waiting for the client to read",
-                    )
+                    raise _Closing(ABNORMAL, f"{self.close_reason}{STILL_WAITING}")
                 raise _Closing(ABNORMAL, f"a send took longer than {timeout:g}s: read faster")
         self.messages_out += 1
         self._plane.messages_out += 1
@@ -1016,9 +1012,20 @@ class _Connection:
             if isinstance(data, bytes):
                 raise _Closing(UNSUPPORTED_DATA, "binary frames are not supported: send JSON text")
             try:
+                try:
+                    message = parse_client_message(data, now=self._plane._wall_clock())
+                except ProtocolError:
+                    self._take_tokens(size)  # a bad message costs as much as any
+                    raise
+                # An ack of a command the gateway sent is not charged: a device answering a
+                # backlog of commands at once, or after a burst of its own, must not be
+                # refused (and then sent them all again on its next connection). Parsing
+                # before charging costs little more: messages refused as rate-limited count
+                # towards max_errors.
+                if isinstance(message, Ack) and self._acked(message):
+                    continue
                 self._take_tokens(size)
-                message = parse_client_message(data, now=self._plane._wall_clock())
-                await self._dispatch(message, size)
+                await self._dispatch(message)
             except ProtocolError as e:
                 await self._refuse(e)
 
@@ -1096,10 +1103,8 @@ class _Connection:
             )
             await trio.sleep_forever()  # read no more; the answering task ends it
 
-    async def _dispatch(
-        self, message: Subscribe | Unsubscribe | Publish | Ack | Ping, size: int
-    ) -> None:
-        """Act on ``message``, ``size`` bytes, already charged to the rate limits."""
+    async def _dispatch(self, message: Subscribe | Unsubscribe | Publish | Ack | Ping) -> None:
+        """Act on ``message`` (an ``Ack`` here matched no command)."""
         identity = self.identity
         if isinstance(message, Subscribe):
             denied = [p for p in message.topics if not identity.may_subscribe(p)]
@@ -1164,22 +1169,20 @@ class _Connection:
         elif isinstance(message, Ping):
             await self._queue(pong_frame(message.id))
         else:
-            await self._take_ack(message, size)
+            await self._unmatched_ack(message)
 
-    async def _take_ack(self, ack: Ack, size: int) -> None:
+    def _acked(self, ack: Ack) -> bool:
+        """Hand ``ack`` to the command router; whether it answered a command waiting for it."""
         client_id = self.identity.client_id
         sink = self._plane.commands()
-        if (
+        return (
             sink is not None
             and client_id not in RESERVED_CLIENTS
             and sink.device_acked(client_id, ack.command_id, ack.ok, ack.result, ack.error)
-        ):
-            # An ack the gateway asked for does not count towards the rate limits: a device
-            # that answers a backlog of commands at once must not be refused (and then sent
-            # them all again on its next connection). Unmatched acks still count.
-            self._message_bucket.give_back(1)
-            self._byte_bucket.give_back(size)
-            return
+        )
+
+    async def _unmatched_ack(self, ack: Ack) -> None:
+        client_id = self.identity.client_id
         self._plane.acks_unmatched += 1
         log.warning(
             "device %s: ack of command %s, which is not waiting for one from it",

@@ -379,7 +379,7 @@ async def test_a_close_is_not_held_up_by_a_client_that_reads_nothing(
                     await plane.run(task_status=task_status)
 
             await nursery.start(run)
-            stalled, _ = await trio.to_thread.run_sync(
+            stalled, ws = await trio.to_thread.run_sync(
                 raw_client, plane.port, client_ssl, HMI_TOKEN, [json.dumps(subscribe)]
             )
             await wait_until(lambda: bool(hub.statistics().subscriptions))
@@ -388,6 +388,10 @@ async def test_a_close_is_not_held_up_by_a_client_that_reads_nothing(
                 for _ in range(20):
                     hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
                 await trio.testing.wait_all_tasks_blocked()
+            # The answer to a ping waits behind the writer's send: both are cut.
+            ping = ws.send(wsproto.events.TextMessage(json.dumps({"type": "ping"})))
+            await trio.to_thread.run_sync(stalled.sendall, ping)
+            await wait_until(lambda: plane.statistics().clients[0].messages_in == 2)
             if close == "revoke":
                 plane.reconfigure(attrs.evolve(section, clients=CLIENTS[1:]))
                 await wait_until(lambda: plane.statistics().connections == 0)
@@ -400,6 +404,7 @@ async def test_a_close_is_not_held_up_by_a_client_that_reads_nothing(
     [line] = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
     assert line.startswith(f"device hmi-1 disconnected (1006: {reason}")
     assert line.endswith("; a send was still waiting for the client to read)")
+    assert line.count("a send was still waiting") == 1
 
 
 async def test_a_client_that_pings_after_the_close_ends_only_its_own_connection(
