@@ -369,7 +369,6 @@ async def test_a_close_is_not_held_up_by_a_client_that_reads_nothing(
     section = attrs.evolve(section, send_timeout=Duration(30.0))
     plane = DevicePlane(section, hub, shutdown_timeout=0.5)
     scope = trio.CancelScope()
-    subscribe = {"type": "subscribe", "topics": ["line-1/#"]}
     # Not the 30 s of send_timeout (a shielded send that outlives it raises only at its end).
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -379,15 +378,7 @@ async def test_a_close_is_not_held_up_by_a_client_that_reads_nothing(
                     await plane.run(task_status=task_status)
 
             await nursery.start(run)
-            stalled, ws = await trio.to_thread.run_sync(
-                raw_client, plane.port, client_ssl, HMI_TOKEN, [json.dumps(subscribe)]
-            )
-            await wait_until(lambda: bool(hub.statistics().subscriptions))
-            # Until the writer waits on the full socket: readings pile up behind it.
-            while not plane.statistics().clients[0].queued:
-                for _ in range(20):
-                    hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
-                await trio.testing.wait_all_tasks_blocked()
+            stalled, ws = await stalled_subscriber(plane, hub, client_ssl)
             # The answer to a ping waits behind the writer's send: both are cut.
             ping = ws.send(wsproto.events.TextMessage(json.dumps({"type": "ping"})))
             await trio.to_thread.run_sync(stalled.sendall, ping)
@@ -465,16 +456,8 @@ async def test_a_cut_send_is_logged_with_its_reason_when_another_send_waited_beh
 ) -> None:
     caplog.set_level(logging.INFO, "gateway.deviceplane")
     plane, hub, _ = await gateway(send_timeout=Duration(1.0))
-    subscribe = {"type": "subscribe", "topics": ["line-1/#"]}
-    stalled, ws = await trio.to_thread.run_sync(
-        raw_client, plane.port, client_ssl, HMI_TOKEN, [json.dumps(subscribe)]
-    )
-    await wait_until(lambda: bool(hub.statistics().subscriptions))
     # The writer waits on the full socket...
-    while not plane.statistics().clients[0].queued:
-        for _ in range(20):
-            hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
-        await trio.testing.wait_all_tasks_blocked()
+    stalled, ws = await stalled_subscriber(plane, hub, client_ssl)
     # ... and the answer to a ping waits behind it, until send_timeout cuts the writer's send.
     ping = json.dumps({"type": "ping", "id": "behind"})
     await trio.to_thread.run_sync(stalled.sendall, ws.send(wsproto.events.TextMessage(ping)))
@@ -482,6 +465,23 @@ async def test_a_cut_send_is_logged_with_its_reason_when_another_send_waited_beh
     stalled.close()
     [line] = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
     assert line.startswith("device hmi-1 disconnected (1006: a send took longer than 1s"), line
+
+
+async def stalled_subscriber(
+    plane: DevicePlane, hub: Hub, context: ssl.SSLContext
+) -> tuple[ssl.SSLSocket, wsproto.WSConnection]:
+    """hmi-1 subscribed to ``line-1/#``, reading nothing, its writer waiting on the full
+    socket with readings piled up behind it."""
+    subscribe = json.dumps({"type": "subscribe", "topics": ["line-1/#"]})
+    stalled, ws = await trio.to_thread.run_sync(
+        raw_client, plane.port, context, HMI_TOKEN, [subscribe]
+    )
+    await wait_until(lambda: bool(hub.statistics().subscriptions))
+    while not plane.statistics().clients[0].queued:
+        for _ in range(20):
+            hub.publish(Reading("line-1/boiler/flow", "x" * 16_000, timestamp=1.0))
+        await trio.testing.wait_all_tasks_blocked()
+    return stalled, ws
 
 
 def raw_client(
