@@ -563,9 +563,17 @@ class DevicePlane:
     # ---- one connection ------------------------------------------------------------------------
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        # Gone during the handshake (or its rejection): nothing was set up for it.
-        with contextlib.suppress(ConnectionClosed):
+        try:
             await self._handshake(request)
+        except ConnectionClosed:
+            pass  # gone during the handshake (or its rejection): nothing was set up for it
+        except Exception as e:
+            # Ours, not trio-websocket's (_EachConnectionAlone's warning is for those): a
+            # defect, which ends this connection only.
+            log.critical(
+                "device plane: defect while handling a connection, closed (please report this)",
+                exc_info=e,
+            )
 
     async def _handshake(self, request: WebSocketRequest) -> None:
         peer = _address(request.remote)

@@ -339,9 +339,9 @@ async def test_401_is_the_same_for_no_auth_a_bad_password_and_an_unknown_user(
     assert OPERATOR[1] not in caplog.text
 
 
-async def test_a_user_name_that_keeps_failing_is_refused_without_a_password_check(
-    server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def password_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords the API checks from now on (each an scrypt), in order."""
     calls: list[str] = []
 
     def counting(password: str, stored: str) -> bool:
@@ -349,6 +349,13 @@ async def test_a_user_name_that_keeps_failing_is_refused_without_a_password_chec
         return verify_password(password, stored)
 
     monkeypatch.setattr(api_module, "verify_password", counting)
+    return calls
+
+
+async def test_a_user_name_that_keeps_failing_is_refused_without_a_password_check(
+    server: Server, password_checks: list[str]
+) -> None:
+    calls = password_checks
     async with server.client(auth=(OPERATOR[0], "wrong")) as c:
         for _ in range(api_module.PEER_FAILURES):
             assert (await c.get("/readyz")).status_code == 401
@@ -411,15 +418,9 @@ async def test_too_many_password_checks_at_once_get_503_at_once(
 
 
 async def test_a_success_is_remembered_a_failure_is_not(
-    server: Server, monkeypatch: pytest.MonkeyPatch
+    server: Server, password_checks: list[str]
 ) -> None:
-    calls: list[str] = []
-
-    def counting(password: str, stored: str) -> bool:
-        calls.append(password)
-        return verify_password(password, stored)
-
-    monkeypatch.setattr(api_module, "verify_password", counting)
+    calls = password_checks
     async with server.client() as c:
         for _ in range(3):
             assert (await c.get("/readyz")).status_code == 200

@@ -434,6 +434,28 @@ async def test_a_client_that_pings_after_the_close_ends_only_its_own_connection(
     assert "LocalProtocolError: " in line
 
 
+async def test_a_defect_in_the_handler_is_reported_as_ours_and_ends_one_connection(
+    gateway: Callable[..., Any],
+    connect: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plane, _, _ = await gateway()
+
+    async def broken(request: Any) -> None:
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plane, "_handshake", broken)
+        with pytest.raises(websockets.exceptions.InvalidMessage):
+            await connect(plane.port)
+    hmi = await connect(plane.port)
+    await hmi.ping()
+    [record] = [r for r in caplog.records if "defect while handling" in r.getMessage()]
+    assert record.levelname == "CRITICAL"
+    assert "trio-websocket" not in caplog.text
+
+
 async def test_repeated_snapshots_for_a_client_that_reads_nothing_do_not_pile_up(
     gateway: Callable[..., Any], client_ssl: ssl.SSLContext
 ) -> None:

@@ -47,6 +47,27 @@ TIMEOUT = 10.0
 # ---- an in-memory outbox ----------------------------------------------------------------------
 
 
+class Progress:
+    """A forwarder's ``progress`` callback (called after each attempt): tests wait on it
+    instead of polling the statistics."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def __call__(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self) -> None:
+        """Until the next call."""
+        await self._changed.wait()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        with trio.fail_after(TIMEOUT):
+            while not predicate():
+                await self.wait()
+
+
 class MemoryOutbox:
     """``BatchSource`` in memory, with the outbox's rules: the batch in flight comes back
     unchanged until confirmed, split or dead-lettered."""
@@ -57,7 +78,7 @@ class MemoryOutbox:
         self.gaps: list[Gap] = []
         self.dead: list[tuple[Batch, int | None, str]] = []
         self.confirmed: list[Batch] = []
-        self._changed = trio.Event()
+        self._changed = Progress()
         self._seq = 0
 
     def add(self, count: int, *, value_size: int = 0) -> None:
@@ -69,13 +90,10 @@ class MemoryOutbox:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changed()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        with trio.fail_after(TIMEOUT):
-            while not predicate():
-                await self._changed.wait()
+        await self._changed.wait_until(predicate)
 
     async def wait_pending(self) -> None:
         while not self.pending:
@@ -126,23 +144,6 @@ class MemoryOutbox:
         self._take(batch)
         self.dead.append((batch, status, excerpt))
         self._notify()
-
-
-class Progress:
-    """A forwarder's ``progress`` callback (called after each attempt): tests wait on it
-    instead of polling the statistics."""
-
-    def __init__(self) -> None:
-        self._changed = trio.Event()
-
-    def __call__(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        with trio.fail_after(TIMEOUT):
-            while not predicate():
-                await self._changed.wait()
 
 
 def test_memory_outbox_is_a_batch_source() -> None:

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -442,6 +443,9 @@ def test_a_server_out_of_file_descriptors_logs_one_line_not_a_traceback_flood() 
         env=gateway_env(),
     )
     clients: list[socket.socket] = []
+    # Should the line never come, killing the server ends the wait (and fails the test).
+    watchdog = threading.Timer(10.0, server.kill)
+    watchdog.start()
     try:
         assert server.stdout is not None
         assert server.stderr is not None
@@ -450,6 +454,7 @@ def test_a_server_out_of_file_descriptors_logs_one_line_not_a_traceback_flood() 
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
         line = server.stderr.readline()
     finally:
+        watchdog.cancel()
         server.kill()
         _, rest = server.communicate(timeout=10)
         for client in clients:

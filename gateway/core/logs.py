@@ -113,7 +113,8 @@ class AcceptRetries(logging.Filter):
         if self._last is not None and now - self._last < self.EVERY:
             self._left_out += 1
             return False
-        code, text, retry = record.args if isinstance(record.args, tuple) else ("?", "?", "?")
+        args = record.args if isinstance(record.args, tuple) and len(record.args) == 3 else None
+        code, text, retry = args or ("?", "?", "?")
         record.msg = (
             "new connections wait: accepting one failed with %s (%s), retrying every %ss%s; "
             "the process is out of file descriptors: raise LimitNOFILE in the unit, or lower "
